@@ -1,0 +1,88 @@
+"""The defense/detector protocol.
+
+A defense is one module that exposes a `Defense` built from pure functions, like optax's
+`GradientTransformation(init, update)`:
+
+  state = defense.fit(ctx, data, key)          # on clean training/validation data only
+  scores = defense.score(state, ctx, x, key)   # [N] float, higher = more adversarial
+  classes = defense.predict(state, ctx, x, key)  # [N] int, optional corrected class
+
+`ctx` (a `Context`) is everything a defense may see of the protected system: pure functions of the
+victim M (`logits_fn`, `features_fn`, `mc_logits_fn`), of the part extractor K (`parts_fn`) and the
+class->parts matrix. `data` is a dict with 'image' (float32 [N,H,W,C] in [0,1]) and 'label'
+(int32 [N]). `state` is a pytree of arrays (a dict) so it can be saved with `save_state` and
+reloaded for evaluation to resume. Hyper-parameters are keyword arguments of a factory function
+`make(**params) -> Defense`, registered in `unmask_jax.defenses.DEFENSES`.
+
+Adding a defense = one new file with a `make` function + one registry line.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+
+Array = Any
+State = dict
+
+
+class Context(NamedTuple):
+  """What a defense may use. Fields a defense does not need may be None.
+
+  Attributes:
+    logits_fn: x [N,H,W,C] in [0,1] -> logits [N, num_classes] (eval mode, deterministic).
+    features_fn: x -> penultimate (last hidden) activations [N, D].
+    mc_logits_fn: (x, key) -> logits with dropout active (one stochastic pass).
+    head_fn: features [N, D] -> logits (M's last layer(s); dropout off).
+    parts_fn: x -> multi-hot part sets [N, NUM_PARTS] from the part extractor K.
+    parts_matrix: float [num_classes, NUM_PARTS]: parts expected for each class of M.
+    num_classes: number of classes of M.
+    class_names: names of M's classes.
+  """
+  logits_fn: Optional[Callable] = None
+  features_fn: Optional[Callable] = None
+  mc_logits_fn: Optional[Callable] = None
+  head_fn: Optional[Callable] = None
+  parts_fn: Optional[Callable] = None
+  parts_matrix: Optional[Array] = None
+  num_classes: int = 0
+  class_names: tuple = ()
+
+
+class Defense(NamedTuple):
+  """A detector and/or corrector: fit -> state; score (higher = adversarial); optional predict."""
+  name: str
+  fit: Callable[[Context, dict, Array], State]
+  score: Callable[[State, Context, Array, Array], Array]
+  predict: Optional[Callable[[State, Context, Array, Array], Array]] = None
+
+
+class NotFittedError(RuntimeError):
+  pass
+
+
+def require_fitted(state: State | None, name: str) -> State:
+  """Raises a clear error when a defense is scored before `fit`."""
+  if state is None or not isinstance(state, dict) or not state:
+    raise NotFittedError(f'Defense {name!r} was scored before it was fitted: call fit(ctx, data, key) '
+                         'on clean training data first.')
+  return state
+
+
+def check_feature_dim(expected: int, got: int, name: str) -> None:
+  if expected != got:
+    raise ValueError(f'Defense {name!r} was fitted on {expected}-dimensional features but is scored '
+                     f'on {got}-dimensional ones: was it fitted with another model?')
+
+
+def save_state(path: str, state: State) -> None:
+  """Writes a flat dict of arrays atomically (write to a temp file, then rename)."""
+  tmp = f'{path}.tmp.npz'
+  np.savez(tmp, **{k: np.asarray(v) for k, v in state.items()})
+  os.replace(tmp, path)
+
+
+def load_state(path: str) -> State:
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
