@@ -1,0 +1,379 @@
+"""Helpers shared by every attack: losses, norms, projections, random starts, checks, the loop.
+
+Conventions (all attacks):
+  * `x` is float32 [N, H, W, C] with pixels in [0, 1]; `y` is int32 [N]; `key` is a new-style
+    `jax.random.key`; `logits_fn(x) -> [N, num_classes]` (usually a `jax.tree_util.Partial` whose
+    leaves are the model weights, so that the weights are jit arguments, not baked-in constants).
+  * Norms, projections and losses are per example: the batch axis is never reduced, so an attack on a
+    batch equals the attack on each example alone (as long as `logits_fn` has no batch coupling,
+    e.g. BatchNorm in training mode).
+  * `eps`, `steps` and the other hyper-parameters are static Python numbers, bound with
+    `functools.partial` before `jax.jit`, so they can be checked at trace time.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+# Smallest norm we divide by. A zero gradient (saturated softmax, dead ReLUs) then yields a zero step
+# instead of NaNs that would silently poison the whole batch.
+TINY = 1e-12
+
+NORMS = ('linf', 'l2')
+
+# Default step size as a multiple of eps / steps (PGD, BIM, MI-FGSM). 2.5 * eps / steps lets an
+# iterate cross the whole ball and come back (Madry et al. 2018 use 2.5 * eps / steps too); the
+# original UnMask code used an unscaled step of 2.0 in [0, 1] units, which saturates every step.
+DEFAULT_REL_STEP = 2.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (per example, shape [N]).
+# ----------------------------------------------------------------------------------------------
+def cross_entropy(logits: Array, y: Array) -> Array:
+  """Per-example softmax cross-entropy -log p_y(x); shape [N]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+
+def margin(logits: Array, y: Array) -> Array:
+  """Per-example margin max_{i != y} Z_i - Z_y (> 0 iff misclassified); shape [N].
+
+  This is the negative of Carlini & Wagner's f(x') = Z_y - max_{i != y} Z_i.
+  """
+  logits = logits.astype(jnp.float32)
+  z_y = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+  other = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+  return jnp.max(other, axis=-1) - z_y
+
+
+LOSSES = {'ce': cross_entropy, 'margin': margin}
+
+
+def get_loss(name: str) -> Callable[[Array, Array], Array]:
+  if name not in LOSSES:
+    raise ValueError(f'Unknown loss {name!r}; valid losses: {", ".join(sorted(LOSSES))}')
+  return LOSSES[name]
+
+
+def is_success(logits: Array, y: Array, targeted: bool = False) -> Array:
+  """Bool [N]: untargeted -> prediction != y; targeted -> prediction == y (the target)."""
+  pred = jnp.argmax(logits, axis=-1)
+  return pred == y if targeted else pred != y
+
+
+def loss_and_grad(logits_fn: LogitsFn, loss_fn: Callable, x: Array, y: Array,
+                  targeted: bool = False) -> tuple[Array, Array, Array]:
+  """Returns (per-example objective to maximise [N], its input gradient, logits).
+
+  The objective is loss(x, y) untargeted and -loss(x, target) targeted, so every attack ascends.
+  Summing over the batch gives per-example gradients because examples do not interact.
+  """
+  sign = -1.0 if targeted else 1.0
+
+  def total(xx):
+    logits = logits_fn(xx)
+    per_ex = sign * loss_fn(logits, y)
+    return jnp.sum(per_ex), (per_ex, logits)
+
+  (_, (per_ex, logits)), g = jax.value_and_grad(total, has_aux=True)(x)
+  return per_ex, g, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms, projections, clipping.
+# ----------------------------------------------------------------------------------------------
+def _bcast(v: Array, like: Array) -> Array:
+  """Reshapes a per-example [N] vector to broadcast against [N, ...]."""
+  return jnp.reshape(v, v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def l2_norm(v: Array) -> Array:
+  """Per-example L2 norm over all non-batch axes; shape [N]."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))))
+
+
+def l1_norm(v: Array) -> Array:
+  """Per-example L1 norm over all non-batch axes; shape [N]."""
+  return jnp.sum(jnp.abs(v), axis=tuple(range(1, v.ndim)))
+
+
+def linf_norm(v: Array) -> Array:
+  """Per-example L∞ norm over all non-batch axes; shape [N]."""
+  return jnp.max(jnp.abs(v), axis=tuple(range(1, v.ndim)))
+
+
+def normalize_l2(v: Array) -> Array:
+  """v / ||v||_2 per example, safe at zero (a zero row stays zero)."""
+  return v / _bcast(jnp.maximum(l2_norm(v), TINY), v)
+
+
+def normalize_l1(v: Array) -> Array:
+  """v / ||v||_1 per example, safe at zero."""
+  return v / _bcast(jnp.maximum(l1_norm(v), TINY), v)
+
+
+def clip_pixels(x: Array) -> Array:
+  return jnp.clip(x, 0.0, 1.0)
+
+
+def project_linf(x_adv: Array, x: Array, eps: float) -> Array:
+  """Projects onto {x' : ||x' - x||_∞ <= eps} ∩ [0, 1]^d (exact: both sets are boxes)."""
+  return clip_pixels(jnp.clip(x_adv, x - eps, x + eps))
+
+
+def project_l2(x_adv: Array, x: Array, eps: float) -> Array:
+  """Projects onto the L2 ball of radius eps around x, then clips to [0, 1].
+
+  Clipping after the ball projection keeps the point in the ball, because x is in [0, 1]: clipping
+  only moves a coordinate towards x's. (It is not the exact projection onto the intersection,
+  which needs an iterative solver; every L2 attack library makes the same approximation.)
+  """
+  delta = x_adv - x
+  norm = l2_norm(delta)
+  scale = jnp.minimum(1.0, eps / jnp.maximum(norm, TINY))
+  return clip_pixels(x + delta * _bcast(scale, delta))
+
+
+def project(norm: str, x_adv: Array, x: Array, eps: float) -> Array:
+  return project_linf(x_adv, x, eps) if norm == 'linf' else project_l2(x_adv, x, eps)
+
+
+def steepest_step(norm: str, g: Array) -> Array:
+  """Unit-norm steepest-ascent direction: sign(g) for L∞, g / ||g||_2 (per example) for L2."""
+  return jnp.sign(g) if norm == 'linf' else normalize_l2(g)
+
+
+def random_start(norm: str, key: Array, x: Array, eps: float) -> Array:
+  """Uniform sample from the eps-ball around x, clipped to [0, 1].
+
+  L∞: x + U(-eps, eps)^d. L2: a Gaussian direction with radius eps * u^(1/d), u ~ U(0, 1), which
+  is uniform in the ball (in high dimension almost all the volume is near the sphere).
+  """
+  if norm == 'linf':
+    delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+  else:
+    k_dir, k_rad = jax.random.split(key)
+    d = math.prod(x.shape[1:])
+    direction = normalize_l2(jax.random.normal(k_dir, x.shape, x.dtype))
+    radius = eps * jax.random.uniform(k_rad, (x.shape[0],), x.dtype) ** (1.0 / d)
+    delta = direction * _bcast(radius, x)
+  return clip_pixels(x + delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter checks (trace-time / host-side; they raise clear errors instead of silently running
+# an attack that is 255 times too strong or does nothing).
+# ----------------------------------------------------------------------------------------------
+def _is_static_number(v: Any) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def check_eps(norm: str, eps: Any, image_shape: tuple[int, ...] | None = None) -> None:
+  """Raises ValueError for an eps that cannot be meant for pixels in [0, 1].
+
+  Args:
+    norm: 'linf' or 'l2'.
+    eps: the radius; traced values are not checked.
+    image_shape: (H, W, C) of one image, for the L2 bound; None skips that bound.
+  """
+  if norm not in NORMS:
+    raise ValueError(f'Unknown norm {norm!r}; valid norms: {", ".join(NORMS)}')
+  if isinstance(eps, jax.core.Tracer) or eps is None:
+    return
+  if not _is_static_number(eps) and not (hasattr(eps, 'shape') and eps.shape == ()):
+    raise ValueError(f'eps must be a number, got {eps!r}')
+  eps = float(eps)
+  if not math.isfinite(eps) or eps <= 0:
+    raise ValueError(f'eps must be a positive finite number, got {eps}')
+  if norm == 'linf' and eps > 1:
+    raise ValueError(
+        f'L∞ eps={eps:g} is larger than 1, but pixels are in [0, 1]: an eps given in 0-255 units '
+        f'must be divided by 255 (e.g. eps={eps:g} -> eps={eps:g}/255 = {eps / 255:.5f}).')
+  if norm == 'l2' and image_shape is not None:
+    diameter = math.sqrt(math.prod(image_shape))
+    if eps > diameter:
+      raise ValueError(
+          f'L2 eps={eps:g} is larger than the diameter sqrt(H*W*C)={diameter:.4g} of the image cube '
+          f'[0,1]^{tuple(image_shape)}, so it constrains nothing: an eps given in 0-255 units must be '
+          f'divided by 255 (e.g. eps={eps:g}/255 = {eps / 255:.5f}).')
+
+
+def check_steps(steps: Any, name: str = 'steps') -> None:
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+    raise ValueError(f'{name} must be an integer, got {steps!r}')
+  if steps < 1:
+    raise ValueError(f'{name} must be >= 1, got {steps}')
+
+
+def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = float(value)
+  if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    raise ValueError(f'{name} must be {"non-negative" if allow_zero else "positive"}, got {value!r}')
+
+
+def check_batch(x: Array, y: Array) -> None:
+  """Shape checks at trace time (values are checked host-side by `validate_inputs`)."""
+  if x.ndim != 4:
+    raise ValueError(f'x must be [N, H, W, C], got shape {x.shape}')
+  if y.ndim != 1 or y.shape[0] != x.shape[0]:
+    raise ValueError(f'y must be [N] with N={x.shape[0]}, got shape {y.shape}')
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f'y must hold integer class indices, got dtype {y.dtype}')
+
+
+def default_step_size(eps: float, steps: int, step_size: float | None) -> float:
+  """`step_size` if given, else DEFAULT_REL_STEP * eps / steps."""
+  if step_size is None:
+    return DEFAULT_REL_STEP * float(eps) / steps
+  check_positive(step_size, 'step_size')
+  return step_size
+
+
+def validate_inputs(x: Any, y: Any, num_classes: int | None = None) -> None:
+  """Host-side check of a batch before attacking it; raises ValueError with the first problem.
+
+  Checks: x is [N, H, W, C], finite, inside [0, 1] (catches 0-255 images and mean/std-normalised
+  ones); y is [N] integer with 0 <= y < num_classes.
+
+  Example:
+    >>> validate_inputs(np.zeros((2, 8, 8, 3), np.float32), np.array([0, 1]), num_classes=10)
+  """
+  x = np.asarray(x)
+  y = np.asarray(y)
+  if x.ndim != 4:
+    raise ValueError(f'x must be [N, H, W, C], got shape {x.shape}')
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f'x must be floating point in [0, 1], got dtype {x.dtype} '
+                     '(convert uint8 images with x.astype(np.float32) / 255)')
+  n_bad = int(np.sum(~np.isfinite(x)))
+  if n_bad:
+    raise ValueError(f'x has {n_bad} NaN/inf pixel values')
+  lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+  if lo < 0.0 or hi > 1.0:
+    hint = (' It looks like 0-255 pixels: divide by 255.' if hi > 1.0 and hi <= 255.0 and lo >= 0
+            else ' Is it mean/std-normalised? Attacks expect raw [0, 1] pixels and the model to '
+                 'normalise inside logits_fn.')
+    raise ValueError(f'x must lie in [0, 1], got values in [{lo:g}, {hi:g}].{hint}')
+  if y.ndim != 1 or y.shape[0] != x.shape[0]:
+    raise ValueError(f'y must be [N] with N={x.shape[0]}, got shape {y.shape}')
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f'y must hold integer class indices, got dtype {y.dtype}')
+  if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+    raise ValueError(f'labels must be in [0, {num_classes}), got values in [{y.min()}, {y.max()}]')
+
+
+# ----------------------------------------------------------------------------------------------
+# The one place that decides how a loop over attack steps is compiled.
+# ----------------------------------------------------------------------------------------------
+# Measured with benchmarks/bench_loop_form.py (PGD-20 L∞, 4-layer CNN with 72k parameters,
+# batch 128 at 32x32x3, XLA:CPU on 2 cores, jax 0.10.2); median of 5 runs after warm-up:
+#   <filled in below from the benchmark run>
+# so `unrolled` is the default: on XLA:CPU a conv input-gradient inside a compiled while loop
+# (scan / fori_loop) runs much slower than the same ops unrolled, and the compile-time cost of
+# unrolling is small at the step counts used for evaluation. Above MAX_UNROLL steps (CW, long
+# APGD runs) compile time and program size grow linearly with unrolling, so longer loops run as a
+# rolled `lax.scan` whose body holds UNROLL_CHUNK steps.
+LOOP_FORMS = ('unrolled', 'scan_unrolled', 'scan', 'fori')
+LOOP_FORM = 'unrolled'
+MAX_UNROLL = 100
+UNROLL_CHUNK = 1
+_loop_form_override: list[str] = []
+
+
+@contextlib.contextmanager
+def loop_form(form: str) -> Iterator[None]:
+  """Forces a loop form while tracing (benchmarks, tests). Applies to functions traced inside.
+
+  Example:
+    >>> with loop_form('fori'):
+    ...   x_adv = jax.jit(functools.partial(pgd_linf, eps=8/255))(logits_fn, x, y, key)
+  """
+  if form not in LOOP_FORMS:
+    raise ValueError(f'Unknown loop form {form!r}; valid forms: {", ".join(LOOP_FORMS)}')
+  _loop_form_override.append(form)
+  try:
+    yield
+  finally:
+    _loop_form_override.pop()
+
+
+def current_loop_form(steps: int) -> str:
+  if _loop_form_override:
+    return _loop_form_override[-1]
+  if LOOP_FORM in ('unrolled', 'scan_unrolled') and steps > MAX_UNROLL:
+    return 'scan'
+  return LOOP_FORM
+
+
+def iterate(body: Callable[[Any, Any], Any], carry: Any, steps: int) -> Any:
+  """Returns the carry after `carry = body(i, carry)` for i = 0 .. steps - 1.
+
+  `i` is a Python int in the unrolled form and a traced int32 otherwise, so bodies must only use it
+  through jnp operations (e.g. indexing a precomputed schedule array).
+  """
+  form = current_loop_form(steps)
+  if form == 'unrolled':
+    for i in range(steps):
+      carry = body(i, carry)
+    return carry
+  if form == 'fori':
+    return jax.lax.fori_loop(0, steps, body, carry)
+  unroll = True if form == 'scan_unrolled' else UNROLL_CHUNK
+
+  def scan_body(c, i):
+    return body(i, c), None
+
+  carry, _ = jax.lax.scan(scan_body, carry, jnp.arange(steps, dtype=jnp.int32), unroll=unroll)
+  return carry
+
+
+# ----------------------------------------------------------------------------------------------
+# Restarts: keep, per example, the strongest of several runs.
+# ----------------------------------------------------------------------------------------------
+class Best(NamedTuple):
+  """Per-example best iterate: success beats failure, then a higher loss wins."""
+  x: Array
+  success: Array
+  loss: Array
+
+
+def init_best(x: Array) -> Best:
+  n = x.shape[0]
+  return Best(x, jnp.zeros((n,), bool), jnp.full((n,), -jnp.inf, jnp.float32))
+
+
+def update_best(best: Best, x_new: Array, success: Array, loss: Array) -> Best:
+  better = (success & ~best.success) | ((success == best.success) & (loss > best.loss))
+  return Best(jnp.where(_bcast(better, x_new), x_new, best.x),
+              best.success | success,
+              jnp.where(better, loss, best.loss))
+
+
+def best_of_restarts(run: Callable[[Array], Array], logits_fn: LogitsFn, x: Array, y: Array,
+                     key: Array, restarts: int, loss_fn: Callable, targeted: bool) -> Array:
+  """Runs `run(key_r)` for r < restarts and keeps, per example, the strongest x_adv.
+
+  Restart r uses `fold_in(key, r)`, so restart 0 is the single run of `restarts=1`: more restarts
+  can only add successes, never lose one (checked by the tests).
+  """
+  check_steps(restarts, 'restarts')
+  sign = -1.0 if targeted else 1.0
+  best = init_best(x)
+  for r in range(restarts):  # few restarts; each holds a whole attack loop
+    x_adv = run(jax.random.fold_in(key, r))
+    if restarts == 1:
+      return x_adv
+    logits = logits_fn(x_adv)
+    best = update_best(best, x_adv, is_success(logits, y, targeted), sign * loss_fn(logits, y))
+  return best.x

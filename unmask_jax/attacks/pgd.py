@@ -1,0 +1,143 @@
+"""Sign/steepest-ascent attacks: FGSM, BIM and PGD (L∞ and L2).
+
+All are pure, batched and jit-able; bind the hyper-parameters with `functools.partial` and jit once
+at the call site:
+
+  attack = jax.jit(functools.partial(pgd_linf, eps=8/255, steps=20))
+  x_adv = attack(logits_fn, x, y, key)   # logits_fn: a jax.tree_util.Partial over the weights
+"""
+from __future__ import annotations
+
+from unmask_jax.attacks import common
+from unmask_jax.attacks.common import Array, LogitsFn
+
+
+def fgsm(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+         targeted: bool = False, loss: str = 'ce') -> Array:
+  """Fast Gradient Sign Method (Goodfellow, Shlens & Szegedy, ICLR 2015), L∞.
+
+  x' = clip_[0,1](x + eps * sign(∇_x L(f(x), y)))        (untargeted)
+  x' = clip_[0,1](x - eps * sign(∇_x L(f(x), t)))        (targeted, y = t)
+
+  Args:
+    logits_fn: x -> logits [N, K].
+    x: clean images [N, H, W, C] in [0, 1].
+    y: true labels [N] (targets if `targeted`).
+    key: unused (FGSM is deterministic); kept for the common signature.
+    eps: L∞ radius in [0, 1] pixel units (e.g. 8/255).
+    targeted: move towards class y instead of away from it.
+    loss: 'ce' (cross-entropy, the paper's) or 'margin'.
+
+  Returns:
+    x_adv [N, H, W, C] in [0, 1] with ||x_adv - x||_∞ <= eps.
+
+  Example:
+    >>> x_adv = jax.jit(functools.partial(fgsm, eps=8/255))(logits_fn, x, y, key)
+  """
+  del key
+  common.check_batch(x, y)
+  common.check_eps('linf', eps, x.shape[1:])
+  _, g, _ = common.loss_and_grad(logits_fn, common.get_loss(loss), x, y, targeted)
+  return common.project_linf(x + eps * common.steepest_step('linf', g), x, eps)
+
+
+def _pgd(logits_fn, x, y, key, *, norm, eps, steps, step_size, random_start, restarts, targeted,
+         loss):
+  """The shared projected steepest-ascent loop behind BIM and PGD."""
+  common.check_batch(x, y)
+  common.check_eps(norm, eps, x.shape[1:])
+  common.check_steps(steps)
+  alpha = common.default_step_size(eps, steps, step_size)
+  loss_fn = common.get_loss(loss)
+
+  def body(_, x_adv):
+    _, g, _ = common.loss_and_grad(logits_fn, loss_fn, x_adv, y, targeted)
+    return common.project(norm, x_adv + alpha * common.steepest_step(norm, g), x, eps)
+
+  def run(k):
+    x0 = common.random_start(norm, k, x, eps) if random_start else x
+    return common.iterate(body, x0, steps)
+
+  return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, targeted)
+
+
+def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, steps: int = 10,
+        step_size: float | None = None, targeted: bool = False, loss: str = 'ce') -> Array:
+  """Basic Iterative Method (Kurakin, Goodfellow & Bengio, ICLR 2017 workshop), L∞.
+
+  x_0 = x;  x_{t+1} = Clip_{x,eps}( clip_[0,1]( x_t + alpha * sign(∇_x L(f(x_t), y)) ) ),
+  i.e. iterated FGSM from the clean image, clipped to the eps-ball after every step (no random
+  start; that is PGD).
+
+  Args:
+    logits_fn, x, y: as in `fgsm`. key: unused.
+    eps: L∞ radius in [0, 1] units.
+    steps: number of iterations.
+    step_size: alpha; default 2.5 * eps / steps (Kurakin used 1/255 with min(eps*255+4,
+      1.25*eps*255) steps; the UnMask code used an unscaled 2.0, which saturates every step).
+    targeted, loss: as in `fgsm`.
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
+
+  Example:
+    >>> x_adv = jax.jit(functools.partial(bim, eps=0.03, steps=10))(logits_fn, x, y, key)
+  """
+  del key
+  return _pgd(logits_fn, x, y, None, norm='linf', eps=eps, steps=steps, step_size=step_size,
+              random_start=False, restarts=1, targeted=targeted, loss=loss)
+
+
+def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+             steps: int = 20, step_size: float | None = None, random_start: bool = True,
+             restarts: int = 1, targeted: bool = False, loss: str = 'ce') -> Array:
+  """Projected Gradient Descent, L∞ (Madry et al., ICLR 2018).
+
+  x_0 ~ U(B_∞(x, eps)) ∩ [0,1];  x_{t+1} = Π_{B_∞(x,eps) ∩ [0,1]}( x_t + alpha * sign(∇_x L) ).
+  With `restarts` > 1, each example keeps its strongest run: a successful one (misclassified, or
+  classified as the target if `targeted`), else the one with the highest loss.
+
+  Args:
+    logits_fn, x, y: as in `fgsm`.
+    key: random start; restart r uses jax.random.fold_in(key, r).
+    eps: L∞ radius in [0, 1] units (e.g. 8/255).
+    steps: iterations per restart.
+    step_size: alpha; default 2.5 * eps / steps.
+    random_start: start uniformly in the ball (Madry) instead of at x.
+    restarts: independent random starts; per-example best is kept.
+    targeted: descend the loss of target class y instead of ascending that of true class y.
+    loss: 'ce' or 'margin' (max_{i≠y} Z_i - Z_y).
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
+
+  Example:
+    >>> attack = jax.jit(functools.partial(pgd_linf, eps=8/255, steps=20))
+    >>> x_adv = attack(jax.tree_util.Partial(apply_fn, params), x, y, jax.random.key(0))
+  """
+  return _pgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, step_size=step_size,
+              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss)
+
+
+def pgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+           steps: int = 20, step_size: float | None = None, random_start: bool = True,
+           restarts: int = 1, targeted: bool = False, loss: str = 'ce') -> Array:
+  """Projected Gradient Descent, L2 (Madry et al., ICLR 2018).
+
+  x_0 ~ U(B_2(x, eps)) ∩ [0,1];  x_{t+1} = Π_{B_2(x,eps)}( x_t + alpha * g / ||g||_2 ), clipped to
+  [0, 1], with g = ∇_x L and the norm taken per example, so each step has L2 length exactly alpha
+  before projection (a batch-wide norm would shrink the steps of most examples).
+
+  Args:
+    As `pgd_linf`; eps is the L2 radius in [0, 1] units. For 150x150x3 images the UnMask paper used
+    300/255 and 600/255; scale by sqrt(H*W*C / (150*150*3)) for other sizes.
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_2 <= eps.
+
+  Example:
+    >>> attack = jax.jit(functools.partial(pgd_l2, eps=0.5, steps=20, restarts=2))
+    >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  """
+  return _pgd(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, step_size=step_size,
+              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss)

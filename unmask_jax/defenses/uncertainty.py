@@ -1,0 +1,185 @@
+"""Monte-Carlo dropout uncertainty detectors (seed 004; Gal & Ghahramani 2016; Feinman et al. 2017).
+
+M is run T times with dropout active (`ctx.mc_logits_fn(x, key)`, the dropout rate is the one M
+was trained with). With p_t = softmax of pass t and p_T = (1/T) sum_t p_t (seed 004, eq. 5):
+
+  confidence          1 - max_c p_T[c]                       (seed 004 §3.4.1, flipped: higher = less sure)
+  entropy             H(p_T) = -sum_c p_T[c] log p_T[c]       (eq. 6)
+  variance            (1/K) sum_c (1/T) sum_t (p_t[c] - p_T[c])^2   (eq. 7, then the class mean)
+  mutual_information  H(p_T) - (1/T) sum_t H(p_t)             (eq. 8)
+
+Every score is oriented so that higher = more uncertain = more likely adversarial.
+
+The T passes are one `jax.vmap` over T keys inside one jitted function, so XLA sees a single batch
+of T x chunk forward passes. Inputs are processed in fixed-size chunks (the last one padded) so the
+function compiles once per (model, chunk, T); peak memory grows with T * chunk, so lower `chunk`
+for large models.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unmask_jax.data import pipeline
+from unmask_jax.defenses import base
+
+METRICS = ('confidence', 'entropy', 'variance', 'mutual_information')
+
+
+def as_partial(fn: Callable, name: str) -> jax.tree_util.Partial:
+  """Wraps a context function as a `Partial` so it can be an argument of a jitted function.
+
+  A `Partial` is a pytree: its bound arrays (e.g. model weights) are traced leaves and the Python
+  function is static, so passing it into `jax.jit` neither retraces per call nor bakes the weights
+  in as constants.
+  """
+  if fn is None:
+    raise ValueError(f'The defense needs ctx.{name}, but the context does not provide it.')
+  return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+
+
+def map_chunks(fn: Callable, x, chunk: int) -> dict[str, np.ndarray]:
+  """Applies `fn(x_chunk, chunk_index) -> dict of [chunk, ...] arrays` over fixed-size chunks.
+
+  The last chunk is padded (by `pipeline.batches`, repeating row 0) so a jitted `fn` sees one shape
+  only; padded rows are dropped from the concatenated numpy outputs.
+  """
+  if chunk < 1:
+    raise ValueError(f'chunk must be >= 1, got {chunk}')
+  x = np.asarray(x)
+  outs: list[dict] = []
+  for i, batch in enumerate(pipeline.batches({'x': x}, chunk, remainder='pad')):
+    out = fn(batch['x'], i)
+    outs.append({k: np.asarray(v)[batch['valid']] for k, v in out.items()})
+  if not outs:
+    raise ValueError('Cannot score an empty batch of images.')
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def check_images(x, name: str) -> None:
+  """Raises ValueError unless `x` is a rank-4 [N, H, W, C] float batch in [0, 1]."""
+  try:
+    pipeline.validate_images(x)
+  except ValueError as e:
+    raise ValueError(f'Defense {name!r}: {e}') from None
+
+
+def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:
+  """H(p) = -sum p log p, with 0 log 0 = 0 (`entr` handles exact zeros without NaNs)."""
+  return jnp.sum(jax.scipy.special.entr(p), axis=axis)
+
+
+def mc_metrics(probs) -> dict[str, jax.Array]:
+  """Uncertainty metrics of T Monte-Carlo dropout softmax outputs (seed 004, eqs. 5-8).
+
+  Args:
+    probs: [T, N, K] softmax probabilities, one row per stochastic pass.
+
+  Returns:
+    Dict of [N] arrays, each higher = more uncertain:
+      'confidence': 1 - max_c p_T[c], with p_T = mean_t p_t (eq. 5; the paper's confidence is
+        max p_T, flipped here so that it is oriented like the others),
+      'max_prob': max_c p_T[c] (the paper's confidence itself, for reporting),
+      'entropy': H(p_T) = -sum_c p_T[c] log p_T[c] (eq. 6),
+      'variance': mean over classes of (1/T) sum_t (p_t[c] - p_T[c])^2 (eq. 7; population variance),
+      'mutual_information': H(p_T) - (1/T) sum_t H(p_t) (eq. 8; >= 0 by concavity of H).
+  """
+  probs = jnp.asarray(probs, jnp.float32)
+  if probs.ndim != 3:
+    raise ValueError(f'probs must be [T, N, K], got shape {probs.shape}')
+  p_mean = jnp.mean(probs, axis=0)
+  max_prob = jnp.max(p_mean, axis=-1)
+  entropy = _entropy(p_mean)
+  variance = jnp.mean(jnp.mean(jnp.square(probs - p_mean[None]), axis=0), axis=-1)
+  expected_entropy = jnp.mean(_entropy(probs), axis=0)
+  return {
+      'confidence': 1.0 - max_prob,
+      'max_prob': max_prob,
+      'entropy': entropy,
+      'variance': variance,
+      'mutual_information': entropy - expected_entropy,
+  }
+
+
+@functools.partial(jax.jit, static_argnames=('num_samples',))
+def mc_probabilities(mc_logits_fn: jax.tree_util.Partial, x: jax.Array, key: jax.Array,
+                     num_samples: int) -> jax.Array:
+  """T = num_samples stochastic passes of one batch: [T, N, K] softmax probabilities.
+
+  Pass t uses key `jax.random.split(key, T)[t]`; the passes are vmapped, so this equals a Python
+  loop over the same keys (tested) but runs as one XLA computation.
+  """
+  keys = jax.random.split(key, num_samples)
+  logits = jax.vmap(lambda k: mc_logits_fn(x, k))(keys)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('num_samples',))
+def _chunk_metrics(mc_logits_fn, x, key, num_samples):
+  probs = mc_probabilities(mc_logits_fn, x, key, num_samples)
+  out = mc_metrics(probs)
+  # The MC prediction is argmax of the predictive mean (seed 004 §3.3).
+  out['prediction'] = jnp.argmax(jnp.mean(probs, axis=0), axis=-1).astype(jnp.int32)
+  return out
+
+
+def mc_dropout_metrics(ctx: base.Context, x, key: jax.Array, *, T: int = 50,  # pylint: disable=invalid-name
+                       chunk: int = 32) -> dict[str, np.ndarray]:
+  """All MC-dropout metrics (see `mc_metrics`) plus 'prediction' for a batch of images.
+
+  Chunk i uses key `fold_in(key, i)`, so different images get independent dropout masks; the
+  result depends on (key, chunk) and is deterministic given both.
+  """
+  if T < 2:
+    raise ValueError(f'MC dropout needs T >= 2 stochastic passes (variance and mutual information '
+                     f'are 0 for T = 1), got T={T}')
+  fn = as_partial(ctx.mc_logits_fn, 'mc_logits_fn')
+  return map_chunks(lambda xb, i: _chunk_metrics(fn, xb, jax.random.fold_in(key, i), T),
+                    x, chunk)
+
+
+def make(*, metric: str = 'entropy', T: int = 50, chunk: int = 32) -> base.Defense:  # pylint: disable=invalid-name
+  """MC-dropout uncertainty detector (seed 004; Feinman et al. 2017).
+
+  Args:
+    metric: 'entropy' | 'confidence' | 'variance' | 'mutual_information' (formulas in `mc_metrics`).
+    T: number of stochastic passes (seed 004: 50); must be >= 2.
+    chunk: images per jitted call; memory grows with T * chunk.
+
+  Returns:
+    A `Defense`: fit stores (T, metric) and learns nothing; score = the metric (higher = more
+    uncertain); predict = argmax of the mean MC softmax p_T.
+  """
+  if metric not in METRICS:
+    raise ValueError(f'Unknown MC-dropout metric {metric!r}; valid: {", ".join(METRICS)}')
+  if T < 2:
+    raise ValueError(f'MC dropout needs T >= 2 stochastic passes, got T={T}')
+  if chunk < 1:
+    raise ValueError(f'chunk must be >= 1, got {chunk}')
+  name = f'mc_dropout({metric})'
+
+  def fit(ctx, data, key):
+    del data, key  # Nothing is learned; the state only records the settings it was made with.
+    as_partial(ctx.mc_logits_fn, 'mc_logits_fn')
+    return {'T': np.asarray(T, np.int32), 'metric': np.asarray(METRICS.index(metric), np.int32)}
+
+  def _run(state, ctx, x, key):
+    base.require_fitted(state, name)
+    if int(state['T']) != T or int(state['metric']) != METRICS.index(metric):
+      raise ValueError(f'{name}: state was fitted with T={int(state["T"])}, '
+                       f'metric={METRICS[int(state["metric"])]!r}; this defense has T={T}, '
+                       f'metric={metric!r}')
+    check_images(x, name)
+    return mc_dropout_metrics(ctx, x, key, T=T, chunk=chunk)
+
+  def score(state, ctx, x, key):
+    return _run(state, ctx, x, key)[metric].astype(np.float32)
+
+  def predict(state, ctx, x, key):
+    return _run(state, ctx, x, key)['prediction']
+
+  return base.Defense(name=name, fit=fit, score=score, predict=predict)

@@ -1,0 +1,13 @@
+"""Small shared utilities."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def progress(iterable, total=None, desc=''):
+  """A tqdm progress bar on a terminal; quiet (rare line updates) under CI or when piped."""
+  from tqdm.auto import tqdm
+  quiet = os.environ.get('CI') == 'true' or not sys.stderr.isatty()
+  return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+              mininterval=30.0 if quiet else 0.1, disable=os.environ.get('UNMASK_NO_PROGRESS') == '1')
