@@ -1,0 +1,158 @@
+"""Auto-PGD with cross-entropy (APGD-CE; Croce & Hein, ICML 2020), L∞ and L2."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from unmask_jax.attacks import common
+from unmask_jax.attacks.common import Array, LogitsFn
+
+
+def checkpoint_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static step-size checkpoints of APGD: (is_checkpoint [steps] bool, window length [steps] int).
+
+  Follows the reference implementation: the first window has max(int(0.22 * steps), 1) iterations,
+  each next one is shorter by max(int(0.03 * steps), 1) down to max(int(0.06 * steps), 1) (the
+  paper's p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)).
+  """
+  first = max(int(0.22 * steps), 1)
+  shortest = max(int(0.06 * steps), 1)
+  decrease = max(int(0.03 * steps), 1)
+  is_check = np.zeros(steps, bool)
+  window = np.zeros(steps, np.int32)
+  k, count = first, 0
+  for i in range(steps):
+    count += 1
+    if count == k:
+      is_check[i], window[i] = True, k
+      k, count = max(k - decrease, shortest), 0
+  return is_check, window
+
+
+def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
+  common.check_batch(x, y)
+  common.check_eps(norm, eps, x.shape[1:])
+  common.check_steps(steps)
+  common.check_positive(rho, 'rho')
+  common.check_positive(momentum, 'momentum')
+  loss_fn = common.get_loss(loss)
+  is_check_np, window_np = checkpoint_schedule(steps)
+  is_check, window = jnp.asarray(is_check_np), jnp.asarray(window_np)
+  n = x.shape[0]
+
+  def col(v):  # [N] -> broadcastable against images
+    return v[:, None, None, None]
+
+  def body(i, c):
+    # Momentum step: z = P(x_k + eta * s(∇)), x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})),
+    # with a = 1 at the first step (no history yet).
+    a = jnp.where(jnp.asarray(i) == 0, 1.0, momentum)
+    z = common.project(norm, c['x'] + col(c['eta']) * common.steepest_step(norm, c['grad']), x, eps)
+    x_new = common.project(norm, c['x'] + a * (z - c['x']) + (1 - a) * (c['x'] - c['x_old']), x, eps)
+    loss_new, grad_new, logits = common.loss_and_grad(logits_fn, loss_fn, x_new, y)
+
+    succ = common.is_success(logits, y)
+    x_adv = jnp.where(col(succ), x_new, c['x_adv'])
+    n_incr = c['n_incr'] + (loss_new > c['loss_prev']).astype(jnp.int32)
+    improved = loss_new > c['loss_best']
+    x_best = jnp.where(col(improved), x_new, c['x_best'])
+    grad_best = jnp.where(col(improved), grad_new, c['grad_best'])
+    loss_best = jnp.where(improved, loss_new, c['loss_best'])
+
+    # Checkpoint: halve eta and restart from the best point if the loss rose in at most a fraction
+    # rho of the window's steps (oscillation), or if eta was not halved at the previous checkpoint
+    # and the best loss has not improved since.
+    check = is_check[i]
+    oscillating = n_incr.astype(jnp.float32) <= window[i].astype(jnp.float32) * rho
+    stalled = ~c['reduced_last'] & (c['loss_best_last'] >= loss_best)
+    reduce = check & (oscillating | stalled)
+    return dict(
+        x=jnp.where(col(reduce), x_best, x_new),
+        x_old=c['x'],
+        grad=jnp.where(col(reduce), grad_best, grad_new),
+        eta=jnp.where(reduce, c['eta'] / 2, c['eta']),
+        loss_prev=loss_new,
+        n_incr=jnp.where(check, 0, n_incr),
+        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
+        x_adv=x_adv, success=c['success'] | succ,
+        reduced_last=jnp.where(check, reduce, c['reduced_last']),
+        loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
+    )
+
+  def run(k):
+    x0 = common.random_start(norm, k, x, eps)
+    loss0, grad0, logits0 = common.loss_and_grad(logits_fn, loss_fn, x0, y)
+    init = dict(
+        x=x0, x_old=x0, grad=grad0,
+        # Initial step 2 * eps, as in the paper, for both norms.
+        eta=jnp.full((n,), 2.0 * eps, jnp.float32),
+        loss_prev=loss0, n_incr=jnp.zeros((n,), jnp.int32),
+        x_best=x0, grad_best=grad0, loss_best=loss0,
+        x_adv=x0, success=common.is_success(logits0, y),
+        reduced_last=jnp.ones((n,), bool), loss_best_last=loss0,
+    )
+    c = common.iterate(body, init, steps)
+    # A misclassified iterate if one was found, else the highest-loss one.
+    return jnp.where(col(c['success']), c['x_adv'], c['x_best'])
+
+  return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, False)
+
+
+def apgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+              steps: int = 100, restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
+              loss: str = 'ce') -> Array:
+  """APGD-CE, L∞ (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+  diverse parameter-free attacks", ICML 2020).
+
+  PGD without a step-size parameter: eta_0 = 2 eps, momentum alpha = 0.75,
+      z_{k+1} = P(x_k + eta_k sign(∇L(x_k))),
+      x_{k+1} = P(x_k + alpha (z_{k+1} - x_k) + (1 - alpha)(x_k - x_{k-1})),
+  and at checkpoints w_j (windows of 22%, then shrinking by 3% down to 6% of the iterations) eta is
+  halved and the iterate reset to the best point so far if (1) the loss increased in at most
+  rho * (w_j - w_{j-1}) of the window's steps, or (2) eta was not reduced at the last checkpoint and
+  the best loss did not improve since. Returns, per example, a misclassified iterate if any, else
+  the one with the highest loss (best over `restarts` random starts).
+
+  Args:
+    logits_fn: x -> logits [N, K].
+    x: clean images [N, H, W, C] in [0, 1].
+    y: true labels [N].
+    key: random start; restart r uses jax.random.fold_in(key, r).
+    eps: L∞ radius in [0, 1] units.
+    steps: iterations (paper: 100).
+    restarts: random restarts, per-example best kept.
+    rho: oscillation threshold (paper: 0.75).
+    momentum: alpha (paper: 0.75).
+    loss: 'ce' (APGD-CE) or 'margin' (the CW loss).
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
+
+  Example:
+    >>> attack = jax.jit(functools.partial(apgd_linf, eps=8/255, steps=100))
+    >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  """
+  return _apgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, restarts=restarts,
+               rho=rho, momentum=momentum, loss=loss)
+
+
+def apgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+            steps: int = 100, restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
+            loss: str = 'ce') -> Array:
+  """APGD-CE, L2 (Croce & Hein, ICML 2020).
+
+  As `apgd_linf` with the L2 steepest step eta_k ∇L / ||∇L||_2 (per example) and P the projection
+  onto the L2 eps-ball, then [0, 1].
+
+  Args:
+    As `apgd_linf`; eps is the L2 radius in [0, 1] units.
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_2 <= eps.
+
+  Example:
+    >>> attack = jax.jit(functools.partial(apgd_l2, eps=0.5, steps=100))
+    >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  """
+  return _apgd(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, restarts=restarts,
+               rho=rho, momentum=momentum, loss=loss)
