@@ -4,7 +4,8 @@
   digits        scikit-learn's bundled 8x8 handwritten digits (embedded real data)
   pascal_part   VOC2010 + PASCAL-Part annotations from a manual directory
   image_folder  class-named sub-folders of images (ImageNet subset, Flickr test set, ...)
-  mnist, fashion_mnist, cifar10   tensorflow-datasets' builders (need a download once)
+  mnist, fashion_mnist, cifar10   a built tfds copy, or the raw files in
+                                  <data_dir>/downloads/manual/<name>/ (tfds' own download needs TensorFlow)
 """
 from __future__ import annotations
 
@@ -27,4 +28,26 @@ def load(name: str, split: str, *, data_dir: str, **options) -> ArrayDataset:
   return DATASETS.get(name)(split, data_dir=data_dir, **options)
 
 
-__all__ = ['ArrayDataset', 'DATASETS', 'load', 'select_classes']
+def load_from_config(data_cfg, split: str, *, data_dir: str) -> ArrayDataset:
+  """Loads a split described by a data config (name, options, class_set or classes, max_<split>).
+
+  The class set (e.g. 'cs3a') or explicit `classes` restrict and relabel the data in that order;
+  `max_<split>` > 0 keeps only the first examples (quick runs).
+  """
+  from unmask_jax.data import parts
+  d = dict(data_cfg)
+  ds = load(d['name'], split, data_dir=data_dir, **dict(d.get('options') or {}))
+  classes = tuple(d.get('classes') or ())
+  if d.get('class_set'):
+    classes = parts.class_set(d['class_set'])
+  if classes:
+    ds = select_classes(ds, classes)
+  limit = d.get(f'max_{split}', 0)
+  if limit:
+    ds = ds.take(slice(0, min(limit, len(ds))))
+  if len(ds) == 0:
+    raise ValueError(f'{d["name"]}/{split} is empty after selecting classes {classes}')
+  return ds
+
+
+__all__ = ['ArrayDataset', 'DATASETS', 'load', 'load_from_config', 'select_classes']
