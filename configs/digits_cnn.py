@@ -12,7 +12,7 @@ def get_config():
   c = common.base()
   c.data.name = 'digits'
   c.model.name = 'cnn_mnist'
-  c.model.kwargs = {'padding': 'SAME'}
+  c.model.kwargs = {'padding': 'same', 'image_size': 8}
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
   c.optimizer.schedule = 'constant'

@@ -5,11 +5,13 @@ import os
 import time
 
 from unmask_jax.data import parts as parts_lib
+from unmask_jax.utils import quiet_logs
 
 
 def train(config, workdir: str, *, expect_task: str) -> dict:
   """Entry point of train_k.py / train_m.py."""
   from unmask_jax.train import trainer
+  quiet_logs()
   if config.task != expect_task:
     script = 'train_k.py' if expect_task == 'segmenter' else 'train_m.py'
     raise ValueError(f'{script} trains task={expect_task!r}, but this config has task={config.task!r}; '
@@ -49,3 +51,24 @@ def describe_synthparts(data_dir: str, out_dir: str, **spec) -> list[dict]:
                                title='SynthParts (train): image | part mask')
   print(f'example grid: {path}')
   return rows
+
+
+def attack(config, workdir: str) -> list[dict]:
+  """Entry point of attack.py: runs the configured attacks and prints the table + sanity checks."""
+  from unmask_jax.eval import attack_runner
+  quiet_logs()
+  if not config.model_dir:
+    raise ValueError('--config.model_dir must point at a train_m.py workdir')
+  rows = attack_runner.run_attacks(config, workdir)
+  index = attack_runner.ckpt.read_json(os.path.join(workdir, attack_runner.INDEX))
+  attack_runner.print_results(rows, index['sanity'])
+  return rows
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Entry point of evaluate.py."""
+  from unmask_jax.eval import evaluate as evaluate_lib
+  quiet_logs()
+  out = evaluate_lib.evaluate(config, workdir)
+  print(f'report: {out["report"]}')
+  return out

@@ -85,6 +85,16 @@ def restore(mgr: ocp.CheckpointManager, state: nnx.State, step: int | None = Non
   return state, dict(out['meta'])
 
 
+def model_fingerprint(model) -> str:
+  """A short hash of a model's weights (and BatchNorm statistics), to tie stage outputs to it."""
+  import hashlib
+  import numpy as np
+  h = hashlib.sha1()
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
 def load_model(workdir: str, which: str = 'best'):
   """Rebuilds a trained model from its workdir: returns (model in eval mode, spec dict)."""
   from unmask_jax import models

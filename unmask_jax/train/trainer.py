@@ -43,22 +43,8 @@ class SimulatedKill(RuntimeError):
 
 def load_splits(config) -> dict[str, data_lib.ArrayDataset]:
   """Loads train/validation/test of `config.data`, restricted to its class set if one is given."""
-  d = config.data
-  out = {}
-  for split in ('train', 'validation', 'test'):
-    ds = data_lib.load(d.name, split, data_dir=d.data_dir, **dict(d.get('options', {})))
-    classes = tuple(d.get('classes', ()) or ())
-    if d.get('class_set', ''):
-      classes = parts_lib.class_set(d.class_set)
-    if classes:
-      ds = data_lib.select_classes(ds, classes)
-    limit = d.get(f'max_{split}', 0)
-    if limit:
-      ds = ds.take(np.arange(min(limit, len(ds))))
-    if len(ds) == 0:
-      raise ValueError(f'{d.name}/{split} is empty after selecting classes {classes}')
-    out[split] = ds
-  return out
+  return {split: data_lib.load_from_config(config.data.to_dict(), split, data_dir=config.data.data_dir)
+          for split in ('train', 'validation', 'test')}
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -95,7 +81,8 @@ def _masked_mean(x, valid):
 
 
 def _loss(task, model, x, batch, key):
-  logits = model(x, dropout_key=key)
+  # Classifiers take a dropout key; the segmenter K has no dropout.
+  logits = model(x, dropout_key=key) if task == 'classifier' else model(x)
   if task == 'classifier':
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     acc = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
@@ -195,7 +182,7 @@ def model_spec(config, splits) -> dict:
   train = splits['train']
   task = config.task
   num_outputs = parts_lib.NUM_PARTS + 1 if task == 'segmenter' else train.num_classes
-  return {
+  spec = {
       'task': task,
       'model': config.model.name,
       'model_kwargs': dict(config.model.get('kwargs', {})),
@@ -204,9 +191,13 @@ def model_spec(config, splits) -> dict:
       'image_shape': list(train.image_shape),
       'class_names': list(train.class_names),
       'dataset': config.data.name,
+      # Everything but data_dir (machine-specific): later stages load exactly this data.
+      'data_config': {k: v for k, v in config.data.to_dict().items() if k != 'data_dir'},
       'train_fingerprint': train.fingerprint(),
       'adv_training': bool(config.get('adv_training', {}).get('enabled', False)),
   }
+  # JSON round trip: tuples become lists, exactly as the spec will read back from model.json.
+  return json.loads(json.dumps(spec))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -296,7 +287,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Evaluate the best checkpoint (not the last epoch) on test.
   model_state, _ = ckpt.restore(best, state[0])
-  state = (jax.device_put(model_state, replicated), state[1])
+  state = nnx.State({0: jax.device_put(model_state, replicated), 1: state[1]})
   final = {'train_seconds_this_run': round(time.time() - t0, 1), 'epochs': config.num_epochs}
   if task == 'segmenter':
     extraction = choose_extraction(eval_logits, state, splits['validation'], eval_bs, data_sharding,
