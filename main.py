@@ -1,21 +1,25 @@
-"""The main job on the embedded SynthParts data (no download).
+"""The main job on the embedded SynthParts data (no download): data -> K -> M, AT-M -> attacks ->
+evaluation, ending with the path of report.md.
 
   python3 main.py --workdir=runs/main
+  python3 main.py --config=configs/quick.py --workdir=runs/quick
 
-Builds SynthParts, prints each UnMask class set (classes, part count, feature overlap) and writes an
-example grid PNG to the workdir.
+Stages are cached in --workdir: running the same command again skips finished stages and resumes
+an interrupted one.
 """
 from absl import app, flags
+from ml_collections import config_flags
 
 from unmask_jax import pipeline
 
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/main', 'Where outputs go.')
-_DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'Where generated datasets are cached.')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/main.py', 'Path to the main-job config.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/main', 'Where every stage writes its outputs.')
 
 
 def main(argv):
   del argv
-  pipeline.describe_synthparts(_DATA_DIR.value, _WORKDIR.value)
+  pipeline.run_main(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

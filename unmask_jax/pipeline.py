@@ -72,3 +72,84 @@ def evaluate(config, workdir: str) -> dict:
   out = evaluate_lib.evaluate(config, workdir)
   print(f'report: {out["report"]}')
   return out
+
+
+def _with_data(cfg, data_dir: str, options: dict):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.data_dir = data_dir
+  cfg.data.options = dict(options)
+  return cfg
+
+
+def run_main(config, workdir: str) -> str:
+  """The main job: data -> K -> M and AT-M per class set -> attacks -> evaluation -> report.md.
+
+  Every stage is cached in `workdir`: training resumes from its last checkpoint (and returns at
+  once when finished), attack.py skips finished attacks, evaluation is skipped when its report is
+  newer than every attack result. Killing the job and running it again continues where it stopped.
+  """
+  import json
+  from unmask_jax.eval import attack_runner
+  from unmask_jax.eval import evaluate as evaluate_lib
+  from unmask_jax.train import checkpoint as ckpt
+  quiet_logs()
+  os.makedirs(workdir, exist_ok=True)
+  times_path = os.path.join(workdir, 'stage_seconds.jsonl')
+  # Seconds per stage of this run (a cached stage shows its near-zero time).
+  times: dict[str, float] = {}
+  t_all = time.time()
+
+  def stage(name, fn):
+    print(f'\n=== {name}')
+    t0 = time.time()
+    out = fn()
+    times[name] = round(time.time() - t0, 1)
+    return out
+
+  opts = dict(config.data_options)
+  stage('data', lambda: describe_synthparts(config.data_dir, workdir, **opts))
+  stage('train K', lambda: train(_with_data(config.k, config.data_dir, opts), os.path.join(workdir, 'k'),
+                                 expect_task='segmenter'))
+  eval_sets = {}
+  for cs in config.class_sets:
+    m_cfg = _with_data(config.m, config.data_dir, opts)
+    m_cfg.data.class_set = cs
+    stage(f'train M {cs}', lambda: train(m_cfg, os.path.join(workdir, f'm_{cs}'), expect_task='classifier'))
+    dirs = {'m_dir': os.path.join(workdir, f'm_{cs}'), 'attacks_dir': os.path.join(workdir, f'attacks_{cs}'),
+            'at_dir': '', 'at_attacks_dir': ''}
+    if config.adversarial_training:
+      at_cfg = _with_data(config.at, config.data_dir, opts)
+      at_cfg.data.class_set = cs
+      stage(f'train AT-M {cs}', lambda: train(at_cfg, os.path.join(workdir, f'at_{cs}'),
+                                              expect_task='classifier'))
+      dirs.update(at_dir=os.path.join(workdir, f'at_{cs}'), at_attacks_dir=os.path.join(workdir, f'attacks_at_{cs}'))
+    for who, model_dir, out_dir in (('M', dirs['m_dir'], dirs['attacks_dir']),
+                                    ('AT-M', dirs['at_dir'], dirs['at_attacks_dir'])):
+      if not model_dir:
+        continue
+      a_cfg = config.attack.copy_and_resolve_references()
+      a_cfg.model_dir, a_cfg.data_dir = model_dir, config.data_dir
+      stage(f'attack {who} {cs}', lambda: attack(a_cfg, out_dir))
+    eval_sets[cs] = dirs
+
+  e_cfg = config.evaluate.copy_and_resolve_references()
+  e_cfg.k_dir, e_cfg.data_dir = os.path.join(workdir, 'k'), config.data_dir
+  import ml_collections
+  e_cfg.class_sets = ml_collections.ConfigDict(eval_sets)
+  eval_dir = os.path.join(workdir, 'eval')
+  report_path = os.path.join(eval_dir, 'report.md')
+  inputs = [os.path.join(d[k], attack_runner.INDEX) for d in eval_sets.values()
+            for k in ('attacks_dir', 'at_attacks_dir') if d[k]]
+  fresh = os.path.exists(report_path) and all(
+      os.path.getmtime(report_path) > os.path.getmtime(p) for p in inputs)
+  if fresh:
+    print(f'\n=== evaluate: {report_path} is newer than every attack result, skipped')
+  else:
+    stage('evaluate', lambda: evaluate(e_cfg, eval_dir))
+  times['total (this run)'] = round(time.time() - t_all, 1)
+  with open(times_path, 'a') as f:   # one line per run: the history of stage times
+    f.write(json.dumps(times) + '\n')
+  print('\nStage wall times (s): ' + ', '.join(f'{k} {v}' for k, v in times.items()))
+  print(f'\nDone. Read the report: {report_path}')
+  del evaluate_lib
+  return report_path

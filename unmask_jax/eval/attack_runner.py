@@ -10,6 +10,7 @@ Success counts only inputs that M classifies correctly when clean: success rate 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -91,6 +92,7 @@ def run_attacks(config, workdir: str) -> list[dict]:
 
   index_path = os.path.join(workdir, INDEX)
   index = ckpt.read_json(index_path) if os.path.exists(index_path) else {}
+  before = json.dumps(index, sort_keys=True)
   if index and (index.get('model_fingerprint') != model_fp or index.get('data_fingerprint') != data_fp):
     raise ValueError(f'{workdir} holds attack results for another model or dataset '
                      f'(model {index.get("model_fingerprint")} vs {model_fp}, data '
@@ -162,7 +164,8 @@ def run_attacks(config, workdir: str) -> list[dict]:
   rows = [index['attacks'][l] for l, _ in parsed]
   index['order'] = [l for l, _ in parsed]   # the JSON is key-sorted; keep the run order
   index['sanity'] = sanity_checks(rows)
-  ckpt.write_json_atomic(index_path, index)
+  if json.dumps(index, sort_keys=True) != before:  # untouched when nothing ran: later stages stay cached
+    ckpt.write_json_atomic(index_path, index)
   return rows
 
 

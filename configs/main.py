@@ -1,0 +1,27 @@
+"""The main job on embedded SynthParts data: K, M and AT-M for CS3a and CS3b, the paper's attacks,
+UnMask evaluation.
+
+  python3 main.py --workdir=runs/main                       # this config
+  python3 main.py --config=configs/quick.py --workdir=runs/quick   # a smoke run in about a minute
+
+Expect (2-core CPU): see README "Results" for the measured wall time and numbers.
+"""
+import ml_collections
+
+from configs import attack, evaluate, synthparts_k, synthparts_m
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.data_dir = 'data'
+  c.data_options = {}               # SynthParts spec (size, seed, per-class split sizes)
+  c.class_sets = ('cs3a', 'cs3b')
+  c.adversarial_training = True
+  c.k = synthparts_k.get_config()
+  c.m = synthparts_m.get_config()
+  c.at = synthparts_m.get_config()
+  c.at.adv_training.enabled = True  # PGD-L∞ 7 steps at eps 4/255: the paper's line-search choice
+  c.attack = attack.get_config()
+  c.attack.max_examples = 300       # test images attacked per class set (first 300 of the split)
+  c.evaluate = evaluate.get_config()
+  return c

@@ -1,0 +1,24 @@
+"""A smoke version of the main job (tiny data and models; about a minute on a 2-core CPU).
+
+  python3 main.py --config=configs/quick.py --workdir=runs/quick
+"""
+from configs import main
+
+
+def get_config():
+  c = main.get_config()
+  c.data_options = {'train_per_class': 40, 'validation_per_class': 12, 'test_per_class': 12}
+  c.k.model.kwargs = {'width': 4, 'levels': 2}
+  c.k.num_epochs = 1
+  for m in (c.m, c.at):
+    m.model.kwargs = {'widths': (4, 8, 8), 'feature_dim': 16}
+    m.num_epochs = 1
+    m.batch_size = 32
+  c.attack.max_examples = 24
+  # Three vectors (single-step, iterative L∞, iterative L2) keep compile time small.
+  c.attack.attacks = ('FGSM-Linf-8=fgsm(eps=8/255)', 'PGD-Linf-8=pgd_linf(eps=8/255, steps=3)',
+                      'PGD-L2-600=pgd_l2(eps=0.5, steps=3)')
+  c.attack.batch_size = 32
+  c.evaluate.max_fit = 64
+  c.evaluate.batch_size = 32
+  return c
