@@ -11,9 +11,10 @@ def get_config():
   c.k.model.kwargs = {'width': 4, 'levels': 2}
   c.k.num_epochs = 1
   for m in (c.m, c.at):
-    m.model.kwargs = {'widths': (4, 8, 8), 'feature_dim': 16}
-    m.num_epochs = 1
-    m.batch_size = 32
+    m.model.kwargs = {'widths': (8, 16, 16), 'feature_dim': 32}
+    m.num_epochs = 6   # enough for a non-constant classifier, so attacks have something to flip
+    m.batch_size = 16
+    m.optimizer.learning_rate = 3e-3
   c.attack.max_examples = 24
   # Three vectors (single-step, iterative L∞, iterative L2) keep compile time small.
   c.attack.attacks = ('FGSM-Linf-8=fgsm(eps=8/255)', 'PGD-Linf-8=pgd_linf(eps=8/255, steps=3)',

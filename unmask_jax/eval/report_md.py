@@ -151,7 +151,9 @@ def write_report(results: dict, plots: dict, workdir: str) -> str:
            'None = undefended M on attacks against M; AT = adversarially trained M on attacks against '
            'itself; other columns = defenses protecting M on the attacks against M.', '',
            report.table(acc, acc_cols, markdown=True), '',
-           '## Detection (contamination 0.5)', '', report.table(det, det_cols, markdown=True), '']
+           '## Detection (contamination 0.5)', '',
+           report.table(det, det_cols, markdown=True) if det else
+           '_No attack succeeded on at least 2 correctly classified images: nothing to detect._', '']
   for cs_name, path in plots.items():
     lines += [f'![ROC {cs_name}]({os.path.basename(path)})', '']
   ks = k_rows(results)

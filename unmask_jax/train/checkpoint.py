@@ -85,6 +85,18 @@ def restore(mgr: ocp.CheckpointManager, state: nnx.State, step: int | None = Non
   return state, dict(out['meta'])
 
 
+def read_raw(workdir: str, which: str = 'latest') -> dict:
+  """The newest checkpoint's saved tree as nested dicts of arrays, without a model to restore into
+  (for inspection and tests: for 'latest' it holds the model under '0' and the optimizer under '1')."""
+  mgr = manager(workdir, which)
+  try:
+    out = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                  meta=ocp.args.JsonRestore()))
+  finally:
+    mgr.close()
+  return out['state']
+
+
 def model_fingerprint(model) -> str:
   """A short hash of a model's weights (and BatchNorm statistics), to tie stage outputs to it."""
   import hashlib

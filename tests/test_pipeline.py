@@ -1,0 +1,114 @@
+"""The main job in quick mode end to end, its caching, and evaluate.py's input checks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import evaluate as evaluate_config
+from configs import quick
+from unmask_jax import pipeline
+from unmask_jax.eval import attack_runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('quick'))
+  c = quick.get_config()
+  c.data_dir = os.path.join(wd, 'data')
+  report = pipeline.run_main(c, wd)
+  return wd, c, report
+
+
+def test_quick_main_job_writes_report_with_all_sections(quick_run):
+  wd, _, report = quick_run
+  text = open(report).read()
+  for section in ('## Findings', '## Accuracy (Table IV form', '## Detection (contamination 0.5)',
+                  '## Part extraction K under attack', '## Sanity checks of the attacks'):
+    assert section in text
+  for cs in ('cs3a', 'cs3b'):
+    assert f'![ROC {cs}](roc_{cs}.png)' in text
+    assert os.path.getsize(os.path.join(wd, 'eval', f'roc_{cs}.png')) > 1000
+  results = json.load(open(os.path.join(wd, 'eval', 'results.json')))
+  cs3a = results['class_sets']['cs3a']
+  assert set(cs3a['clean']) == {'None', 'AT', 'unmask'}
+  assert set(cs3a['attacks']) == {'FGSM-Linf-8', 'PGD-Linf-8', 'PGD-L2-600'}
+  # The report lists attacks in the order they were run (results.json is key-sorted).
+  assert text.index('| FGSM-Linf-8 |') < text.index('| PGD-Linf-8 |') < text.index('| PGD-L2-600 |')
+  a = cs3a['attacks']['PGD-Linf-8']
+  assert set(a['accuracy']) == {'None', 'AT', 'unmask'}
+  for v in a['accuracy'].values():
+    assert 0.0 <= v <= 1.0
+  assert cs3a['overlap'] == pytest.approx(2 / 29)
+
+
+def test_second_run_skips_finished_stages(quick_run):
+  wd, c, report = quick_run
+  before = os.path.getmtime(report)
+  attacks_index = os.path.join(wd, 'attacks_cs3a', attack_runner.INDEX)
+  before_idx = os.path.getmtime(attacks_index)
+  pipeline.run_main(c, wd)
+  assert os.path.getmtime(report) == before and os.path.getmtime(attacks_index) == before_idx
+  last = json.loads(open(os.path.join(wd, 'stage_seconds.jsonl')).read().strip().splitlines()[-1])
+  assert 'evaluate' not in last and last['train K'] < 10
+
+
+def _eval_cfg(wd, c, **dirs):
+  e = evaluate_config.get_config()
+  e.k_dir, e.data_dir = os.path.join(wd, 'k'), c.data_dir
+  import ml_collections
+  e.class_sets = ml_collections.ConfigDict({'cs3a': {**evaluate_config.class_set_dirs(wd, 'cs3a').to_dict(), **dirs}})
+  e.max_fit, e.batch_size = 64, 32
+  return e
+
+
+def test_attack_results_of_another_model_are_rejected(quick_run, tmp_path):
+  wd, c, _ = quick_run
+  e = _eval_cfg(wd, c, attacks_dir=os.path.join(wd, 'attacks_at_cs3a'), at_dir='', at_attacks_dir='')
+  with pytest.raises(ValueError, match='another model'):
+    pipeline.evaluate(e, str(tmp_path / 'eval'))
+
+
+def test_attack_results_on_other_data_are_rejected(quick_run, tmp_path):
+  wd, c, _ = quick_run
+  e = _eval_cfg(wd, c, m_dir=os.path.join(wd, 'm_cs3b'), attacks_dir=os.path.join(wd, 'attacks_cs3a'),
+                at_dir='', at_attacks_dir='')
+  with pytest.raises(ValueError, match='another model|other data'):
+    pipeline.evaluate(e, str(tmp_path / 'eval'))
+
+
+def test_missing_stage_output_names_the_command(quick_run, tmp_path):
+  wd, c, _ = quick_run
+  e = _eval_cfg(wd, c, attacks_dir=str(tmp_path / 'none'), at_dir='', at_attacks_dir='')
+  with pytest.raises(FileNotFoundError, match='attack.py'):
+    pipeline.evaluate(e, str(tmp_path / 'eval'))
+  e = _eval_cfg(wd, c)
+  e.k_dir = str(tmp_path / 'nok')
+  with pytest.raises(Exception, match='train_k.py|train it first'):
+    pipeline.evaluate(e, str(tmp_path / 'eval'))
+
+
+def test_attack_script_rerun_skips_and_bad_spec_fails_fast(quick_run, tmp_path):
+  wd, c, _ = quick_run
+  env = {**os.environ, 'UNMASK_NO_PROGRESS': '1'}
+  args = [sys.executable, 'attack.py', f'--config.model_dir={wd}/m_cs3a', f'--config.data_dir={c.data_dir}',
+          f'--workdir={wd}/attacks_cs3a', '--config.max_examples=24', '--config.batch_size=32']
+  spec = '--config.attacks=("FGSM-Linf-8=fgsm(eps=8/255)",)'
+  out = subprocess.run(args + [spec], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'already done, skipped' in out.stdout and 'success_rate' in out.stdout
+  out = subprocess.run(args[:-1] + ['--config.attacks=("X=pgd_linf(eps=8, steps=3)",)'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and '255' in out.stderr
+
+
+def test_paper_attack_list_rescales_l2_eps():
+  specs = dict(attack_runner.split_label(s) for s in attack_runner.paper_attacks((32, 32, 3)))
+  assert len([k for k in specs if not k.startswith('FGSM')]) == 8
+  from unmask_jax.attacks import parse_attack
+  eps = parse_attack(specs['PGD-L2-300']).eps
+  assert eps == pytest.approx(300 / 255 * (32 / 150))
+  assert parse_attack(specs['PGD-Linf-16']).eps == pytest.approx(16 / 255)
