@@ -2,6 +2,8 @@
 
   python3 train_m.py --config=configs/synthparts_m.py --workdir=runs/m_cs3a
 
+Adversarial-training baseline: --config.adv_training.enabled=True (PGD-L∞, 7 steps, eps 4/255), or
+the paper's eps line search on validation: --at_line_search=1,2,4,6,8,16.
 Any config field can be overridden, e.g. --config.num_epochs=3. Re-running the same command resumes
 from the last checkpoint in --workdir.
 """
@@ -13,12 +15,20 @@ from unmask_jax import pipeline
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py training config.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and final.json.')
+_LINE_SEARCH = flags.DEFINE_list(
+    'at_line_search', None,
+    'Adversarial-training eps line search instead of one run: comma-separated eps in 1/255 units '
+    '(the paper: 1,2,4,6,8,16). Trains one PGD-L∞ AT model per eps under --workdir/eps_<e>, '
+    'picks one on the validation split, and writes line_search.json.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
-  pipeline.train(_CONFIG.value, _WORKDIR.value, expect_task='classifier')
+  if _LINE_SEARCH.value:
+    pipeline.at_line_search(_CONFIG.value, _WORKDIR.value, [float(e) for e in _LINE_SEARCH.value])
+  else:
+    pipeline.train(_CONFIG.value, _WORKDIR.value, expect_task='classifier')
 
 
 if __name__ == '__main__':

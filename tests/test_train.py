@@ -136,3 +136,18 @@ def test_one_vs_four_host_devices_same_loss(data_dir, tmp_path):
     assert r['n'] == n
     res[n] = r['loss']
   assert res[1] == pytest.approx(res[4], rel=1e-4, abs=1e-5)
+
+
+def test_adversarial_training_line_search_uses_validation_only(data_dir, tmp_path):
+  from unmask_jax import pipeline
+  c = _cfg('m', data_dir, num_epochs=1)
+  out = pipeline.at_line_search(c, str(tmp_path), [2, 8], attack_steps=2)
+  assert [r['eps'] for r in out['rows']] == ['2/255', '8/255']
+  assert out['chosen']['model_dir'] in {r['model_dir'] for r in out['rows']}
+  for r in out['rows']:
+    spec = ckpt.read_json(os.path.join(r['model_dir'], 'model.json'))
+    assert spec['adv_training'] is True
+    idx = ckpt.read_json(os.path.join(r['model_dir'], 'validation_attacks', 'attacks.json'))
+    assert idx['split'] == 'validation'
+  with pytest.raises(ValueError, match='1/255 units'):
+    pipeline.at_line_search(c, str(tmp_path), [0.03])
