@@ -6,8 +6,11 @@ PGD L∞ (default 20 steps) on a small pure-JAX CNN (lax.conv), batch 128 at 32x
   scan           lax.scan, rolled (a compiled while loop)
   fori           lax.fori_loop (a compiled while loop)
   host_loop      a Python loop on the host calling one jitted step (dispatch per step)
-Each form is compiled once (the time of the first call is reported as "first call"), then timed
-as the median of --repeats calls, each synchronised with block_until_ready.
+Each form is compiled once (the time of that first call, tracing and compiling included, is reported
+as "first call"). Then --repeats rounds each time every form once, in a rotating order, every call
+synchronised with block_until_ready; the table gives the median over rounds of the wall time and of
+the process CPU time. Interleaving the forms and reporting CPU time keep the comparison fair on a
+shared machine where other processes come and go.
 
 Run:  python3 benchmarks/bench_loop_form.py [--steps 20] [--batch 128] [--repeats 5]
 """
@@ -58,16 +61,11 @@ def cnn_apply(params, x):
   return jax.nn.relu(h @ w1 + b1) @ w2 + b2
 
 
-def time_calls(fn, repeats):
-  t0 = time.perf_counter()
+def timed(fn):
+  """(wall seconds, process CPU seconds) of one synchronised call."""
+  w0, c0 = time.perf_counter(), time.process_time()
   jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times), times
+  return time.perf_counter() - w0, time.process_time() - c0
 
 
 def main():
@@ -90,7 +88,7 @@ def main():
         f'{args.size}x{args.size}x3, backend {jax.default_backend()}, '
         f'{jax.device_count()} device(s), jax {jax.__version__}')
 
-  results = {}
+  runners, first = {}, {}
   for form in args.forms.split(','):
     if form == 'host_loop':
       alpha = common.default_step_size(eps, args.steps, None)
@@ -102,27 +100,41 @@ def main():
 
       start = jax.jit(lambda k, x0: common.random_start('linf', k, x0, eps))
 
-      def run():
+      def run(step=step, start=start):
         x_adv = start(ka, x)
         for _ in range(args.steps):
           x_adv = step(logits_fn, x_adv, x)
         return x_adv
 
-      first, median, times = time_calls(run, args.repeats)
+      first[form] = timed(run)[0]
     else:
-      # The form is read while tracing, so the first (compiling) call must be inside the context.
+      # The form is read while tracing, so the first (compiling) call must be inside the context;
+      # later calls hit the jit cache and run the program compiled with this form.
       with common.loop_form(form):
         attack = jax.jit(functools.partial(pgd_linf, eps=eps, steps=args.steps))
-        first, median, times = time_calls(
-            functools.partial(attack, logits_fn, x, y, ka), args.repeats)
-    results[form] = (first, median, min(times), max(times))
-    print(f'  {form:14s} done: median {median:.3f} s', flush=True)
+        run = functools.partial(attack, logits_fn, x, y, ka)
+        first[form] = timed(run)[0]
+    timed(run)  # one more warm-up call
+    runners[form] = run
+    print(f'  {form:14s} compiled: first call {first[form]:.2f} s', flush=True)
 
-  best = min(results.values(), key=lambda r: r[1])[1]
-  print('\n| form | first call (s) | median (s) | min (s) | max (s) | vs best |')
+  forms = list(runners)
+  wall = {f: [] for f in forms}
+  cpu = {f: [] for f in forms}
+  for r in range(args.repeats):
+    for f in forms[r % len(forms):] + forms[:r % len(forms)]:
+      w, c = timed(runners[f])
+      wall[f].append(w)
+      cpu[f].append(c)
+
+  med = {f: statistics.median(wall[f]) for f in forms}
+  best = min(med.values())
+  print('\n| form | first call (s) | median wall (s) | min wall (s) | median CPU (s) '
+        '| wall vs best |')
   print('|---|---|---|---|---|---|')
-  for form, (first, median, lo, hi) in results.items():
-    print(f'| {form} | {first:.2f} | {median:.3f} | {lo:.3f} | {hi:.3f} | {median / best:.2f}x |')
+  for f in forms:
+    print(f'| {f} | {first[f]:.2f} | {med[f]:.3f} | {min(wall[f]):.3f} | '
+          f'{statistics.median(cpu[f]):.3f} | {med[f] / best:.2f}x |')
 
 
 if __name__ == '__main__':

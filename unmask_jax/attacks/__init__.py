@@ -1,0 +1,134 @@
+"""Adversarial attacks: pure, batched, jit-able functions and one registry.
+
+Every attack has the signature
+
+  attack(logits_fn, x, y, key, *, eps, ...) -> x_adv
+
+with x float32 [N, H, W, C] in [0, 1], y int32 [N], key a `jax.random.key`, and logits_fn a
+`jax.tree_util.Partial` (its leaves, the model weights, are then jit arguments: a new checkpoint
+or batch of the same shapes does not retrace). Attacks are jitted once, at the call site:
+
+  attack = compile_attack('pgd_linf(eps=8/255, steps=20)')
+  x_adv = attack(jax.tree_util.Partial(apply_fn, params), x, y, jax.random.key(0))
+
+which is `jax.jit(functools.partial(pgd_linf, eps=8/255, steps=20))`. Adding an attack = one
+function with that signature + one registry line (and its norm in `_NORMS`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from unmask_jax.attacks import common
+from unmask_jax.attacks.common import validate_inputs
+from unmask_jax.registry import Registry, check_kwargs, parse_spec
+
+ATTACKS = Registry('attack', {
+    'fgsm': 'unmask_jax.attacks.pgd:fgsm',
+    'bim': 'unmask_jax.attacks.pgd:bim',
+    'pgd_linf': 'unmask_jax.attacks.pgd:pgd_linf',
+    'pgd_l2': 'unmask_jax.attacks.pgd:pgd_l2',
+    'mifgsm_linf': 'unmask_jax.attacks.mifgsm:mifgsm_linf',
+    'mifgsm_l2': 'unmask_jax.attacks.mifgsm:mifgsm_l2',
+    'cw_l2': 'unmask_jax.attacks.cw:cw_l2',
+    'deepfool': 'unmask_jax.attacks.deepfool:deepfool',
+    'apgd_linf': 'unmask_jax.attacks.apgd:apgd_linf',
+    'apgd_l2': 'unmask_jax.attacks.apgd:apgd_l2',
+})
+
+# The threat model each attack's eps refers to (for reports and eps checks).
+_NORMS = {
+    'fgsm': 'linf', 'bim': 'linf', 'pgd_linf': 'linf', 'mifgsm_linf': 'linf', 'apgd_linf': 'linf',
+    'pgd_l2': 'l2', 'mifgsm_l2': 'l2', 'cw_l2': 'l2', 'deepfool': 'l2', 'apgd_l2': 'l2',
+}
+
+# Integer parameters that count iterations and must be >= 1.
+_COUNT_PARAMS = ('steps', 'restarts', 'binary_search_steps', 'candidates')
+
+
+def norm_of(name_or_spec: str) -> str:
+  """'linf' or 'l2': the norm an attack's eps is measured in, e.g. norm_of('pgd_l2') == 'l2'."""
+  name = parse_spec(name_or_spec)[0]
+  ATTACKS.get(name)  # raises the usual error, with the valid names, on a typo
+  return _NORMS[name]
+
+
+class AttackSpec(NamedTuple):
+  """A parsed, checked attack: registry name, attack function and its keyword parameters."""
+  name: str
+  fn: Callable
+  params: dict
+
+  @property
+  def norm(self) -> str:
+    return _NORMS[self.name]
+
+  @property
+  def eps(self) -> float | None:
+    return self.params.get('eps')
+
+  def partial(self) -> Callable:
+    """The attack with its parameters bound: (logits_fn, x, y, key) -> x_adv, not yet jitted."""
+    return functools.partial(self.fn, **self.params)
+
+  def compile(self) -> Callable:
+    """`jax.jit` of `partial()`: compiled on the first call, reused for same-shaped batches."""
+    return jax.jit(self.partial())
+
+  def __str__(self) -> str:
+    args = ', '.join(f'{k}={v!r}' for k, v in sorted(self.params.items()))
+    return f'{self.name}({args})'
+
+
+def parse_attack(spec: str | AttackSpec, **overrides: Any) -> AttackSpec:
+  """Parses and checks "name(key=value, ...)", e.g. "pgd_linf(eps=8/255, steps=20)".
+
+  `overrides` are added to (and win over) the spec's parameters. An `AttackSpec` is re-checked
+  with the overrides applied.
+
+  Raises:
+    KeyError: unknown attack name (the message lists the valid names).
+    TypeError: unknown or missing parameter (the message lists the valid parameters).
+    ValueError: an eps or step count that cannot be right (e.g. L∞ eps=8 instead of 8/255).
+  """
+  if isinstance(spec, AttackSpec):
+    name, params = spec.name, dict(spec.params)
+  else:
+    name, params = parse_spec(spec)
+  params.update(overrides)
+  fn = ATTACKS.get(name)
+  check_kwargs('attack', name, fn, params)
+  sig = inspect.signature(fn).parameters
+  missing = [p for p, v in sig.items()
+             if v.kind == v.KEYWORD_ONLY and v.default is v.empty and p not in params]
+  if missing:
+    valid = [p for p, v in sig.items() if v.kind == v.KEYWORD_ONLY]
+    raise TypeError(f'Attack {name!r} needs parameter(s) {missing}, e.g. '
+                    f'"{name}(eps=8/255)". Valid parameters: {", ".join(valid)}')
+  # Checked here too (not only when traced) so that a bad spec fails before any data is loaded.
+  # The L2 bound needs the image size and is checked when the attack is traced.
+  if params.get('eps') is not None:
+    common.check_eps(_NORMS[name], params['eps'])
+  for p in _COUNT_PARAMS:
+    if p in params:
+      common.check_steps(params[p], p)
+  return AttackSpec(name, fn, params)
+
+
+def compile_attack(spec_or_name: str | AttackSpec, **params: Any) -> Callable:
+  """Returns `jax.jit(functools.partial(attack, **params))` for a spec or name.
+
+  Call it once per attack configuration and reuse the result: every call returns a new jitted
+  function, with its own compilation cache.
+
+  Example:
+    >>> attack = compile_attack('pgd_linf', eps=8/255, steps=20)   # or 'pgd_linf(eps=8/255)'
+    >>> x_adv = attack(jax.tree_util.Partial(apply_fn, params), x, y, jax.random.key(0))
+  """
+  return parse_attack(spec_or_name, **params).compile()
+
+
+__all__ = ['ATTACKS', 'AttackSpec', 'compile_attack', 'norm_of', 'parse_attack', 'validate_inputs']

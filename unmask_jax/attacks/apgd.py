@@ -44,11 +44,12 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
     return v[:, None, None, None]
 
   def body(i, c):
-    # Momentum step: z = P(x_k + eta * s(∇)), x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})),
-    # with a = 1 at the first step (no history yet).
+    # Momentum step: z = P(x_k + eta s(∇)),
+    # x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})), with a = 1 at the first step.
     a = jnp.where(jnp.asarray(i) == 0, 1.0, momentum)
     z = common.project(norm, c['x'] + col(c['eta']) * common.steepest_step(norm, c['grad']), x, eps)
-    x_new = common.project(norm, c['x'] + a * (z - c['x']) + (1 - a) * (c['x'] - c['x_old']), x, eps)
+    x_new = common.project(
+        norm, c['x'] + a * (z - c['x']) + (1 - a) * (c['x'] - c['x_old']), x, eps)
     loss_new, grad_new, logits = common.loss_and_grad(logits_fn, loss_fn, x_new, y)
 
     succ = common.is_success(logits, y)
@@ -141,8 +142,8 @@ def apgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
             loss: str = 'ce') -> Array:
   """APGD-CE, L2 (Croce & Hein, ICML 2020).
 
-  As `apgd_linf` with the L2 steepest step eta_k ∇L / ||∇L||_2 (per example) and P the projection
-  onto the L2 eps-ball, then [0, 1].
+  As `apgd_linf` with the L2 steepest step eta_k ∇L / ||∇L||_2 (per example) and P the
+  projection onto the L2 eps-ball, then [0, 1].
 
   Args:
     As `apgd_linf`; eps is the L2 radius in [0, 1] units.

@@ -4,11 +4,13 @@ Conventions (all attacks):
   * `x` is float32 [N, H, W, C] with pixels in [0, 1]; `y` is int32 [N]; `key` is a new-style
     `jax.random.key`; `logits_fn(x) -> [N, num_classes]` (usually a `jax.tree_util.Partial` whose
     leaves are the model weights, so that the weights are jit arguments, not baked-in constants).
-  * Norms, projections and losses are per example: the batch axis is never reduced, so an attack on a
-    batch equals the attack on each example alone (as long as `logits_fn` has no batch coupling,
+  * Norms, projections and losses are per example: the batch axis is never reduced, so an attack on
+    a batch equals the attack on each example alone (as long as `logits_fn` has no batch coupling,
     e.g. BatchNorm in training mode).
   * `eps`, `steps` and the other hyper-parameters are static Python numbers, bound with
-    `functools.partial` before `jax.jit`, so they can be checked at trace time.
+    `functools.partial` before `jax.jit`, so they can be checked at trace time. `eps` may instead
+    be passed as a traced scalar (`attack(fn, x, y, key, eps=jnp.float32(e))` on a jitted attack)
+    to sweep eps with one compilation; its range is then not checked.
 """
 from __future__ import annotations
 
@@ -23,15 +25,16 @@ import numpy as np
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
-# Smallest norm we divide by. A zero gradient (saturated softmax, dead ReLUs) then yields a zero step
-# instead of NaNs that would silently poison the whole batch.
+# Smallest norm we divide by. A zero gradient (saturated softmax, dead ReLUs) then yields a zero
+# step instead of NaNs that would silently poison the whole batch.
 TINY = 1e-12
 
 NORMS = ('linf', 'l2')
 
-# Default step size as a multiple of eps / steps (PGD, BIM, MI-FGSM). 2.5 * eps / steps lets an
-# iterate cross the whole ball and come back (Madry et al. 2018 use 2.5 * eps / steps too); the
-# original UnMask code used an unscaled step of 2.0 in [0, 1] units, which saturates every step.
+# Default step size as a multiple of eps / steps (PGD, BIM, MI-FGSM). With 2.5 * eps / steps the
+# iterates can travel 2.5 eps in total, enough to cross the ball from a random start and still
+# correct course (the rule of thumb of the MadryLab `robustness` library). The original UnMask code
+# used an unscaled step of 2.0 in [0, 1] units: every step leaves the ball and is projected back.
 DEFAULT_REL_STEP = 2.5
 
 
@@ -202,9 +205,9 @@ def check_eps(norm: str, eps: Any, image_shape: tuple[int, ...] | None = None) -
     diameter = math.sqrt(math.prod(image_shape))
     if eps > diameter:
       raise ValueError(
-          f'L2 eps={eps:g} is larger than the diameter sqrt(H*W*C)={diameter:.4g} of the image cube '
-          f'[0,1]^{tuple(image_shape)}, so it constrains nothing: an eps given in 0-255 units must be '
-          f'divided by 255 (e.g. eps={eps:g}/255 = {eps / 255:.5f}).')
+          f'L2 eps={eps:g} is larger than the diameter sqrt(H*W*C)={diameter:.4g} of the image '
+          f'cube [0,1]^{tuple(image_shape)}, so it constrains nothing: an eps given in 0-255 units '
+          f'must be divided by 255 (e.g. eps={eps:g}/255 = {eps / 255:.5f}).')
 
 
 def check_steps(steps: Any, name: str = 'steps') -> None:
@@ -219,7 +222,8 @@ def check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
     return
   v = float(value)
   if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-    raise ValueError(f'{name} must be {"non-negative" if allow_zero else "positive"}, got {value!r}')
+    kind = 'non-negative' if allow_zero else 'positive'
+    raise ValueError(f'{name} must be {kind}, got {value!r}')
 
 
 def check_batch(x: Array, y: Array) -> None:
@@ -233,9 +237,9 @@ def check_batch(x: Array, y: Array) -> None:
 
 
 def default_step_size(eps: float, steps: int, step_size: float | None) -> float:
-  """`step_size` if given, else DEFAULT_REL_STEP * eps / steps."""
+  """`step_size` if given, else DEFAULT_REL_STEP * eps / steps (eps may be traced)."""
   if step_size is None:
-    return DEFAULT_REL_STEP * float(eps) / steps
+    return DEFAULT_REL_STEP * eps / steps
   check_positive(step_size, 'step_size')
   return step_size
 
@@ -259,7 +263,7 @@ def validate_inputs(x: Any, y: Any, num_classes: int | None = None) -> None:
   n_bad = int(np.sum(~np.isfinite(x)))
   if n_bad:
     raise ValueError(f'x has {n_bad} NaN/inf pixel values')
-  lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+  lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
   if lo < 0.0 or hi > 1.0:
     hint = (' It looks like 0-255 pixels: divide by 255.' if hi > 1.0 and hi <= 255.0 and lo >= 0
             else ' Is it mean/std-normalised? Attacks expect raw [0, 1] pixels and the model to '
@@ -276,19 +280,38 @@ def validate_inputs(x: Any, y: Any, num_classes: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------------
 # The one place that decides how a loop over attack steps is compiled.
 # ----------------------------------------------------------------------------------------------
-# Measured with benchmarks/bench_loop_form.py (PGD-20 L∞, 4-layer CNN with 72k parameters,
-# batch 128 at 32x32x3, XLA:CPU on 2 cores, jax 0.10.2); median of 5 runs after warm-up:
-#   <filled in below from the benchmark run>
-# so `unrolled` is the default: on XLA:CPU a conv input-gradient inside a compiled while loop
-# (scan / fori_loop) runs much slower than the same ops unrolled, and the compile-time cost of
-# unrolling is small at the step counts used for evaluation. Above MAX_UNROLL steps (CW, long
-# APGD runs) compile time and program size grow linearly with unrolling, so longer loops run as a
-# rolled `lax.scan` whose body holds UNROLL_CHUNK steps.
+# Measured with benchmarks/bench_loop_form.py (PGD L∞, 3-conv + 2-dense CNN with 65,930
+# parameters written with lax.conv, 32x32x3 inputs, XLA:CPU, 2 cores shared with other jobs,
+# jax 0.10.2). Median process CPU seconds per attack call after warm-up (wall time was noisier, up
+# to 2x, because of the other jobs; forms were interleaved round-robin), and the first call
+# (trace + compile + run):
+#                      PGD-20, batch 128      PGD-20, batch 32      PGD-100, batch 32
+#   form               CPU s   first call     CPU s   first call    CPU s   first call
+#   unrolled (Python)  1.55     8.3 s         0.24     6.6 s        2.09    20.7 s
+#   scan(unroll=True)  1.54    11.7 s         0.25     6.0 s        2.18    19.3 s
+#   scan (rolled)      3.31    10.2 s           -        -          3.96     8.0 s
+#   fori_loop          3.25    10.3 s         0.79     5.3 s        4.02     5.7 s
+#   host loop of one
+#   jitted step        1.77     6.5 s         0.22     3.4 s        1.09     4.2 s
+# A rolled loop whose body holds 5, 10 or 20 steps (scan unroll=k) cost the same as unroll=1
+# (3.96-4.14 s for PGD-100), so the slowdown is in how XLA:CPU runs the conv gradients inside a
+# while loop, not per-iteration overhead. Unrolled PGD-100 cost more than 5 x PGD-20 (2.09 vs
+# 1.2 s), so very long unrolled programs lose some speed, yet still beat the rolled loops. The host
+# loop was as fast or faster, but it cannot live inside one jitted attack. So
+# steps are unrolled by default: about 2x faster than scan/fori_loop at a few seconds of extra
+# compile time (facts.md reports 3.5x for scan on a similar net). Unrolling grows compile time
+# linearly (PGD-100: 21 s vs 6 s for fori_loop; APGD's step has more ops) and makes very long
+# programs, so loops longer than MAX_UNROLL (CW's binary_search_steps * steps, long APGD runs)
+# are rolled `lax.scan`s. To trade run time for compile time (e.g. a one-off small batch), trace
+# the attack inside `with loop_form('fori'):`. Not measured on GPU/TPU.
 LOOP_FORMS = ('unrolled', 'scan_unrolled', 'scan', 'fori')
 LOOP_FORM = 'unrolled'
-MAX_UNROLL = 100
-UNROLL_CHUNK = 1
+MAX_UNROLL = 100  # APGD's default 100 steps still unroll; CW's 9 x 100 do not.
+UNROLL_CHUNK = 1  # steps per rolled-loop iteration; larger chunks did not run faster (above)
 _loop_form_override: list[str] = []
+# How many copies of the loop being traced end up in the program (restarts), so that the
+# MAX_UNROLL limit applies to the program's total number of unrolled steps.
+_copies: list[int] = [1]
 
 
 @contextlib.contextmanager
@@ -309,11 +332,22 @@ def loop_form(form: str) -> Iterator[None]:
 
 
 def current_loop_form(steps: int) -> str:
+  """The loop form for a loop of `steps` iterations traced now."""
   if _loop_form_override:
     return _loop_form_override[-1]
-  if LOOP_FORM in ('unrolled', 'scan_unrolled') and steps > MAX_UNROLL:
+  if LOOP_FORM in ('unrolled', 'scan_unrolled') and steps * _copies[-1] > MAX_UNROLL:
     return 'scan'
   return LOOP_FORM
+
+
+@contextlib.contextmanager
+def _repeated(copies: int) -> Iterator[None]:
+  """Tells `iterate` that loops traced inside will be repeated `copies` times in the program."""
+  _copies.append(_copies[-1] * copies)
+  try:
+    yield
+  finally:
+    _copies.pop()
 
 
 def iterate(body: Callable[[Any, Any], Any], carry: Any, steps: int) -> Any:
@@ -370,10 +404,12 @@ def best_of_restarts(run: Callable[[Array], Array], logits_fn: LogitsFn, x: Arra
   check_steps(restarts, 'restarts')
   sign = -1.0 if targeted else 1.0
   best = init_best(x)
-  for r in range(restarts):  # few restarts; each holds a whole attack loop
-    x_adv = run(jax.random.fold_in(key, r))
-    if restarts == 1:
-      return x_adv
-    logits = logits_fn(x_adv)
-    best = update_best(best, x_adv, is_success(logits, y, targeted), sign * loss_fn(logits, y))
+  with _repeated(restarts):
+    for r in range(restarts):  # few restarts; each holds a whole attack loop
+      # key may be None for deterministic attacks (no random start).
+      x_adv = run(None if key is None else jax.random.fold_in(key, r))
+      if restarts == 1:
+        return x_adv
+      logits = logits_fn(x_adv)
+      best = update_best(best, x_adv, is_success(logits, y, targeted), sign * loss_fn(logits, y))
   return best.x

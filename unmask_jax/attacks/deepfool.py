@@ -70,7 +70,7 @@ def deepfool(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float 
     r_tot, active = carry
     x_i = common.clip_pixels(x + (1.0 + overshoot) * r_tot)
     logits, vjp_fn = jax.vjp(logits_fn, x_i)
-    # Freeze an example at its first success: DeepFool returns the first iterate across the boundary.
+    # Freeze an example at its first success: DeepFool returns the first iterate past the boundary.
     active = active & ~common.is_success(logits, y)
     # ∇Z_c per example for each candidate c; examples do not interact, so one VJP per candidate.
     grads = jax.vmap(lambda ct: vjp_fn(ct)[0])(cotangents)  # [nc, N, H, W, C]

@@ -31,7 +31,8 @@ def _mifgsm(logits_fn, x, y, *, norm, eps, steps, step_size, decay, targeted, lo
 def mifgsm_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
                 steps: int = 20, step_size: float | None = None, decay: float = 1.0,
                 targeted: bool = False, loss: str = 'ce') -> Array:
-  """Momentum Iterative FGSM, L∞ (Dong et al., "Boosting Adversarial Attacks with Momentum", CVPR 2018).
+  """Momentum Iterative FGSM, L∞ (Dong et al., "Boosting Adversarial Attacks with Momentum",
+  CVPR 2018).
 
   g_0 = 0;  g_{t+1} = mu * g_t + ∇_x L(x_t, y) / ||∇_x L(x_t, y)||_1;
   x_{t+1} = Π_{B_∞(x,eps) ∩ [0,1]}( x_t + alpha * sign(g_{t+1}) ),  x_0 = x.

@@ -70,7 +70,7 @@ def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, step
   start; that is PGD).
 
   Args:
-    logits_fn, x, y: as in `fgsm`. key: unused.
+    logits_fn, x, y: as in `fgsm`. key: unused (no random start); may be None.
     eps: L∞ radius in [0, 1] units.
     steps: number of iterations.
     step_size: alpha; default 2.5 * eps / steps (Kurakin used 1/255 with min(eps*255+4,
@@ -83,8 +83,7 @@ def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, step
   Example:
     >>> x_adv = jax.jit(functools.partial(bim, eps=0.03, steps=10))(logits_fn, x, y, key)
   """
-  del key
-  return _pgd(logits_fn, x, y, None, norm='linf', eps=eps, steps=steps, step_size=step_size,
+  return _pgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, step_size=step_size,
               random_start=False, restarts=1, targeted=targeted, loss=loss)
 
 
@@ -93,7 +92,7 @@ def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
              restarts: int = 1, targeted: bool = False, loss: str = 'ce') -> Array:
   """Projected Gradient Descent, L∞ (Madry et al., ICLR 2018).
 
-  x_0 ~ U(B_∞(x, eps)) ∩ [0,1];  x_{t+1} = Π_{B_∞(x,eps) ∩ [0,1]}( x_t + alpha * sign(∇_x L) ).
+  x_0 ~ U(B_∞(x, eps) ∩ [0,1]);  x_{t+1} = Π_{B_∞(x,eps) ∩ [0,1]}(x_t + alpha sign(∇_x L)).
   With `restarts` > 1, each example keeps its strongest run: a successful one (misclassified, or
   classified as the target if `targeted`), else the one with the highest loss.
 
@@ -124,9 +123,9 @@ def pgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
            restarts: int = 1, targeted: bool = False, loss: str = 'ce') -> Array:
   """Projected Gradient Descent, L2 (Madry et al., ICLR 2018).
 
-  x_0 ~ U(B_2(x, eps)) ∩ [0,1];  x_{t+1} = Π_{B_2(x,eps)}( x_t + alpha * g / ||g||_2 ), clipped to
-  [0, 1], with g = ∇_x L and the norm taken per example, so each step has L2 length exactly alpha
-  before projection (a batch-wide norm would shrink the steps of most examples).
+  x_0 ~ U(B_2(x, eps)) clipped to [0,1];  x_{t+1} = Π_{B_2(x,eps)}(x_t + alpha g / ||g||_2),
+  clipped to [0, 1], with g = ∇_x L and the norm taken per example, so each step has L2 length
+  exactly alpha before projection (a batch-wide norm would shrink the steps of most examples).
 
   Args:
     As `pgd_linf`; eps is the L2 radius in [0, 1] units. For 150x150x3 images the UnMask paper used
