@@ -14,7 +14,9 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,51 @@ from flax import nnx
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-# He et al. (2015) initialization (fan_out, as torchvision) for ReLU networks.
-he_normal = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Eager random draws compile one threefry program per distinct shape, which costs seconds each on
+# a busy CPU and dominated model construction. Drawing fixed-size chunks and reshaping compiles the
+# generator once; only cheap slicing programs are compiled per shape.
+_INIT_CHUNK = 1 << 16
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _standard_normal_chunk(key: jax.Array, dtype) -> jax.Array:
+  return jax.random.normal(key, (_INIT_CHUNK,), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _take(draws: list[jax.Array], shape: tuple[int, ...], std: jax.Array) -> jax.Array:
+  flat = draws[0] if len(draws) == 1 else jnp.concatenate(draws)
+  return flat[:math.prod(shape)].reshape(shape) * std
+
+
+def variance_scaling(scale: float, mode: str) -> Callable:
+  """A normal initializer with variance `scale / fan` (`mode` 'fan_in' or 'fan_out').
+
+  Like `nnx.initializers.variance_scaling(scale, mode, 'normal')` for kernels [..., in, out], but
+  drawn in fixed-size chunks (see above), so building a model compiles little.
+  """
+  if mode not in ('fan_in', 'fan_out'):
+    raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+
+  def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if len(shape) < 2:
+      fan = n
+    else:
+      receptive = math.prod(shape[:-2])
+      fan = (shape[-2] if mode == 'fan_in' else shape[-1]) * receptive
+    draws = [_standard_normal_chunk(jax.random.fold_in(key, i), jnp.dtype(dtype))
+             for i in range(-(-n // _INIT_CHUNK))]
+    return _take(draws, shape, jnp.asarray(math.sqrt(scale / max(fan, 1)), dtype))
+
+  return init
+
+
+# He et al. (2015) initialization for ReLU networks (fan_out for convolutions, as torchvision),
+# and LeCun's for the dense layers.
+he_normal = variance_scaling(2.0, 'fan_out')
+lecun_normal = variance_scaling(1.0, 'fan_in')
 
 
 def per_channel(value: float | Sequence[float], channels: int, name: str) -> tuple[float, ...]:
@@ -76,6 +121,10 @@ def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> nnx
   scale_init = nnx.initializers.zeros if zero_init else nnx.initializers.ones
   return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                        scale_init=scale_init, rngs=rngs)
+
+
+def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, kernel_init=lecun_normal, rngs=rngs)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -77,12 +77,12 @@ class CNNMnist(base.Classifier):
       raise ValueError(f'image_size {self.image_size} is too small for padding={padding!r} '
                        f'(needs at least {shrink + 2} pixels per side)')
     pad = padding.upper()
-    self.conv1 = nnx.Conv(in_channels, 32, (3, 3), padding=pad, rngs=rngs)
-    self.conv2 = nnx.Conv(32, 64, (3, 3), padding=pad, rngs=rngs)
+    self.conv1 = base.conv(in_channels, 32, 3, padding=pad, use_bias=True, rngs=rngs)
+    self.conv2 = base.conv(32, 64, 3, padding=pad, use_bias=True, rngs=rngs)
     self.dropout1 = nnx.Dropout(_rate(dropout[0], 'dropout[0]'))
-    self.fc1 = nnx.Linear(out_h * out_w * 64, feature_dim, rngs=rngs)
+    self.fc1 = base.dense(out_h * out_w * 64, feature_dim, rngs=rngs)
     self.dropout2 = nnx.Dropout(_rate(dropout[1], 'dropout[1]'))
-    self.fc2 = nnx.Linear(feature_dim, num_classes, rngs=rngs)
+    self.fc2 = base.dense(feature_dim, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     x = self._normalize(x)
@@ -131,9 +131,9 @@ class CNNSmall(base.Classifier):
       ch = w
     self.convs = nnx.List(convs)
     self.bns = nnx.List(bns)
-    self.fc1 = nnx.Linear(ch, feature_dim, rngs=rngs)
+    self.fc1 = base.dense(ch, feature_dim, rngs=rngs)
     self.dropout = nnx.Dropout(_rate(dropout, 'dropout'))
-    self.fc2 = nnx.Linear(feature_dim, num_classes, rngs=rngs)
+    self.fc2 = base.dense(feature_dim, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     del dropout_key  # Dropout is only before the head.

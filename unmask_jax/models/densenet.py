@@ -102,7 +102,7 @@ class DenseNet(base.Classifier):
     self.final_bn = base.batch_norm(ch, rngs=rngs)
     self.feature_dim = ch
     self.dropout = nnx.Dropout(dropout)
-    self.fc = nnx.Linear(ch, num_classes, rngs=rngs)
+    self.fc = base.dense(ch, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     del dropout_key  # DenseNet has dropout only before the head.

@@ -11,8 +11,9 @@ model's state (parameters and BatchNorm statistics) in eval mode (running-averag
 
 Because the weights are leaves, a function can be passed as an argument to a jitted function
 (the weights become jit arguments, not constants baked into the compiled program) and it can also
-be called directly. Functions of models with the same architecture share a treedef, so a jitted
-attack compiles once per architecture and input shape, not once per model or per call:
+be called directly (a direct call runs one compiled program, cached per architecture and input
+shape). Functions of models with the same architecture share a treedef, so a jitted attack
+compiles once per architecture and input shape, not once per model or per call:
 
   @jax.jit
   def predict(logits_fn, x):
@@ -26,7 +27,7 @@ the model (more training) are not seen by a function made earlier: make a new on
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -36,31 +37,54 @@ from flax import nnx
 _METHODS = ('logits', 'features', 'head', 'mc_logits', 'segment')
 
 
-@dataclasses.dataclass(frozen=True)
 class _Apply:
   """The static part of a pure model function: the graph definition and which method to call.
 
-  Hashable and compared by value so that jit caches are shared by equal architectures.
+  Compared by value so that jit caches are shared by equal architectures, with the hash computed
+  once: jit hashes it on every call, and hashing a large graph definition takes milliseconds.
   """
 
-  graphdef: Any
-  method: str
+  __slots__ = ('graphdef', 'method', '_hash')
+
+  def __init__(self, graphdef: Any, method: str):
+    self.graphdef = graphdef
+    self.method = method
+    self._hash = hash((graphdef, method))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    if self is other:
+      return True
+    return (isinstance(other, _Apply) and self._hash == other._hash
+            and self.method == other.method and self.graphdef == other.graphdef)
+
+  def __repr__(self) -> str:
+    return f'{self.method}_fn({type(self.graphdef).__name__})'
 
   def __call__(self, state, *args):
-    model = nnx.merge(self.graphdef, state)
-    if self.method == 'logits' or self.method == 'segment':
-      (x,) = args
-      return model(x)
-    if self.method == 'features':
-      (x,) = args
-      return model.features(x)
-    if self.method == 'head':
-      (feats,) = args
-      return model.head(feats)
-    if self.method == 'mc_logits':
-      x, key = args
-      return model(x, dropout_key=key)
-    raise ValueError(f'unknown method {self.method!r}; expected one of {_METHODS}')
+    return _apply(self, state, *args)
+
+
+# Jitted so that calling a function directly (outside any jit) runs one compiled program instead
+# of the model op by op; inside a caller's jit this nests and costs nothing.
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(spec: _Apply, state, *args):
+  model = nnx.merge(spec.graphdef, state)
+  if spec.method in ('logits', 'segment'):
+    (x,) = args
+    return model(x)
+  if spec.method == 'features':
+    (x,) = args
+    return model.features(x)
+  if spec.method == 'head':
+    (feats,) = args
+    return model.head(feats)
+  if spec.method == 'mc_logits':
+    x, key = args
+    return model(x, dropout_key=key)
+  raise ValueError(f'unknown method {spec.method!r}; expected one of {_METHODS}')
 
 
 def _bind(model: nnx.Module, method: str) -> jax.tree_util.Partial:

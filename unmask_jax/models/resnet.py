@@ -125,7 +125,7 @@ class ResNet(base.Classifier):
     self.blocks = nnx.List(blocks)
     self.feature_dim = in_ch
     self.dropout = nnx.Dropout(dropout)
-    self.fc = nnx.Linear(in_ch, num_classes, rngs=rngs)
+    self.fc = base.dense(in_ch, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     del dropout_key  # ResNet has dropout only before the head.

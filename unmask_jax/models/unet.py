@@ -104,7 +104,7 @@ class UNet(nnx.Module):
     self.bottleneck = ConvBlock(chans[-2], chans[-1], rngs=rngs)
     self.up = nnx.List([UpBlock(chans[i + 1], chans[i], chans[i], upsample, rngs=rngs)
                         for i in reversed(range(levels))])
-    self.out = nnx.Conv(width, num_classes, (1, 1), rngs=rngs)
+    self.out = base.conv(width, num_classes, 1, use_bias=True, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Per-pixel logits [N, H, W, num_classes] of images x [N, H, W, C] in [0, 1]."""
