@@ -14,5 +14,5 @@ def get_config():
   c.model.kwargs = {'width': 16, 'levels': 3}
   c.optimizer.learning_rate = 3e-3
   c.batch_size = 64
-  c.num_epochs = 8
+  c.num_epochs = 6
   return c

@@ -13,7 +13,9 @@ def get_config():
   c = common.base()
   c.data.class_set = 'cs3a'
   c.model.name = 'cnn_small'
-  c.model.kwargs = {}
-  c.optimizer.learning_rate = 2e-3
-  c.num_epochs = 8
+  # Half the default widths: 2x cheaper per step (4x at inference), which matters most for
+  # adversarial training (8 forward-backward passes per step) and for the attacks.
+  c.model.kwargs = {'widths': (16, 32, 64), 'feature_dim': 128}
+  c.optimizer.learning_rate = 3e-3
+  c.num_epochs = 10
   return c
