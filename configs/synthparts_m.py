@@ -17,5 +17,5 @@ def get_config():
   # adversarial training (8 forward-backward passes per step) and for the attacks.
   c.model.kwargs = {'widths': (16, 32, 64), 'feature_dim': 128}
   c.optimizer.learning_rate = 3e-3
-  c.num_epochs = 10
+  c.num_epochs = 16
   return c

@@ -265,6 +265,8 @@ def _listing_digest(manual_dir: str) -> str:
 
 import tensorflow_datasets as tfds  # noqa: E402  (the pure functions above need no tfds)
 
+from unmask_jax.data import tfds_io  # noqa: E402
+
 
 class PascalPartConfig(tfds.core.BuilderConfig):
   """A manual directory and conversion options."""
@@ -292,12 +294,7 @@ class PascalPart(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
-            'mask': tfds.features.Tensor(shape=(s, s), dtype=np.uint8),
-            'parts': tfds.features.Tensor(shape=(parts.NUM_PARTS,), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=list(CLASSES)),
-        }),
+        features=tfds_io.part_features(s, CLASSES),
         supervised_keys=('image', 'label'),
         homepage='http://roozbehm.info/pascal-parts/pascal-parts.html',
         metadata=tfds.core.MetadataDict())

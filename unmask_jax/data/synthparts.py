@@ -231,6 +231,8 @@ class SynthPartsSpec:
 
 import tensorflow_datasets as tfds  # noqa: E402  (kept below the pure-numpy renderer on purpose)
 
+from unmask_jax.data import tfds_io  # noqa: E402
+
 
 class SynthPartsConfig(tfds.core.BuilderConfig):
   """BuilderConfig wrapping a `SynthPartsSpec`."""
@@ -250,12 +252,7 @@ class SynthParts(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
-            'mask': tfds.features.Tensor(shape=(s, s), dtype=np.uint8),
-            'parts': tfds.features.Tensor(shape=(parts.NUM_PARTS,), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=list(parts.SYNTH_CLASSES)),
-        }),
+        features=tfds_io.part_features(s, parts.SYNTH_CLASSES),
         supervised_keys=('image', 'label'))
 
   def _split_generators(self, dl_manager):

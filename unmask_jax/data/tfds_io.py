@@ -28,6 +28,18 @@ def quiet():
       lg.setLevel(lv)
 
 
+def part_features(size: int, class_names):
+  """The tfds feature schema shared by every part dataset (SynthParts, PASCAL-Part)."""
+  import tensorflow_datasets as tfds
+  from unmask_jax.data import parts
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+      'mask': tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
+      'parts': tfds.features.Tensor(shape=(parts.NUM_PARTS,), dtype=np.uint8),
+      'label': tfds.features.ClassLabel(names=list(class_names)),
+  })
+
+
 def prepare(builder) -> None:
   with quiet(), contextlib.redirect_stderr(io.StringIO()):
     builder.download_and_prepare()
