@@ -23,7 +23,7 @@ def get_config():
   c.k_dir = 'runs/main/k'
   c.data_dir = 'data'
   c.class_sets = ml_collections.ConfigDict({n: class_set_dirs('runs/main', n) for n in ('cs3a', 'cs3b')})
-  c.defenses = ('unmask',)
+  c.defenses = ('unmask', 'mc_dropout(metric="mutual_information")', 'kde', 'kl')
   c.max_validation = 0     # clean validation images for thresholds (0 = all)
   c.max_fit = 2000         # clean training images the defenses are fitted on
   c.batch_size = 128

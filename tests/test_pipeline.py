@@ -54,6 +54,13 @@ def test_second_run_skips_finished_stages(quick_run):
   assert os.path.getmtime(report) == before and os.path.getmtime(attacks_index) == before_idx
   last = json.loads(open(os.path.join(wd, 'stage_seconds.jsonl')).read().strip().splitlines()[-1])
   assert 'evaluate' not in last and last['train K'] < 10
+  # A changed evaluation config re-runs only the evaluation.
+  c2 = c.copy_and_resolve_references()
+  c2.evaluate.max_fit = 48
+  pipeline.run_main(c2, wd)
+  last = json.loads(open(os.path.join(wd, 'stage_seconds.jsonl')).read().strip().splitlines()[-1])
+  assert 'evaluate' in last and os.path.getmtime(report) > before
+  assert os.path.getmtime(attacks_index) == before_idx
 
 
 def _eval_cfg(wd, c, **dirs):

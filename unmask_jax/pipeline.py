@@ -90,7 +90,6 @@ def run_main(config, workdir: str) -> str:
   """
   import json
   from unmask_jax.eval import attack_runner
-  from unmask_jax.eval import evaluate as evaluate_lib
   from unmask_jax.train import checkpoint as ckpt
   quiet_logs()
   os.makedirs(workdir, exist_ok=True)
@@ -140,18 +139,22 @@ def run_main(config, workdir: str) -> str:
   report_path = os.path.join(eval_dir, 'report.md')
   inputs = [os.path.join(d[k], attack_runner.INDEX) for d in eval_sets.values()
             for k in ('attacks_dir', 'at_attacks_dir') if d[k]]
-  fresh = os.path.exists(report_path) and all(
-      os.path.getmtime(report_path) > os.path.getmtime(p) for p in inputs)
+  # Re-evaluate when an attack result is newer than the report or the evaluation config changed.
+  stamp_path = os.path.join(eval_dir, 'config.json')
+  stamp = json.loads(e_cfg.to_json(sort_keys=True))
+  fresh = (os.path.exists(report_path) and os.path.exists(stamp_path)
+           and ckpt.read_json(stamp_path) == stamp
+           and all(os.path.getmtime(report_path) > os.path.getmtime(p) for p in inputs))
   if fresh:
-    print(f'\n=== evaluate: {report_path} is newer than every attack result, skipped')
+    print(f'\n=== evaluate: {report_path} is up to date, skipped')
   else:
     stage('evaluate', lambda: evaluate(e_cfg, eval_dir))
+    ckpt.write_json_atomic(stamp_path, stamp)
   times['total (this run)'] = round(time.time() - t_all, 1)
   with open(times_path, 'a') as f:   # one line per run: the history of stage times
     f.write(json.dumps(times) + '\n')
   print('\nStage wall times (s): ' + ', '.join(f'{k} {v}' for k, v in times.items()))
   print(f'\nDone. Read the report: {report_path}')
-  del evaluate_lib
   return report_path
 
 
