@@ -34,12 +34,15 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
     assert os.path.getsize(os.path.join(wd, 'eval', f'roc_{cs}.png')) > 1000
   results = json.load(open(os.path.join(wd, 'eval', 'results.json')))
   cs3a = results['class_sets']['cs3a']
-  assert set(cs3a['clean']) == {'None', 'AT', 'unmask'}
+  # MC dropout also predicts (the MC-averaged class); KDE and KL only detect.
+  assert set(cs3a['clean']) == {'None', 'AT', 'unmask', 'mc_dropout(metric="mutual_information")'}
   assert set(cs3a['attacks']) == {'FGSM-Linf-8', 'PGD-Linf-8', 'PGD-L2-600'}
   # The report lists attacks in the order they were run (results.json is key-sorted).
   assert text.index('| FGSM-Linf-8 |') < text.index('| PGD-Linf-8 |') < text.index('| PGD-L2-600 |')
   a = cs3a['attacks']['PGD-Linf-8']
-  assert set(a['accuracy']) == {'None', 'AT', 'unmask'}
+  assert set(a['accuracy']) == {'None', 'AT', 'unmask', 'mc_dropout(metric="mutual_information")'}
+  detected = {d for x in cs3a['attacks'].values() for d in x['detection']}
+  assert detected <= set(results['defenses']) and {'kde', 'kl'} <= set(results['defenses'])
   for v in a['accuracy'].values():
     assert 0.0 <= v <= 1.0
   assert cs3a['overlap'] == pytest.approx(2 / 29)

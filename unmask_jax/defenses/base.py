@@ -21,7 +21,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
 import numpy as np
+
+from unmask_jax.data import pipeline
 
 Array = Any
 State = dict
@@ -74,6 +77,44 @@ def check_feature_dim(expected: int, got: int, name: str) -> None:
   if expected != got:
     raise ValueError(f'Defense {name!r} was fitted on {expected}-dimensional features but is scored '
                      f'on {got}-dimensional ones: was it fitted with another model?')
+
+
+def as_partial(fn: Callable, name: str) -> jax.tree_util.Partial:
+  """Wraps a context function as a `Partial` so it can be an argument of a jitted function.
+
+  A `Partial` is a pytree: its bound arrays (e.g. model weights) are traced leaves and the Python
+  function is static, so passing it into `jax.jit` neither retraces per call nor bakes the weights
+  in as constants.
+  """
+  if fn is None:
+    raise ValueError(f'The defense needs ctx.{name}, but the context does not provide it.')
+  return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+
+
+def map_chunks(fn: Callable, x, chunk: int) -> dict[str, np.ndarray]:
+  """Applies `fn(x_chunk, chunk_index) -> dict of [chunk, ...] arrays` over fixed-size chunks.
+
+  The last chunk is padded (by `pipeline.batches`, repeating row 0) so a jitted `fn` sees one shape
+  only; padded rows are dropped from the concatenated numpy outputs.
+  """
+  if chunk < 1:
+    raise ValueError(f'chunk must be >= 1, got {chunk}')
+  x = np.asarray(x)
+  outs: list[dict] = []
+  for i, batch in enumerate(pipeline.batches({'x': x}, chunk, remainder='pad')):
+    out = fn(batch['x'], i)
+    outs.append({k: np.asarray(v)[batch['valid']] for k, v in out.items()})
+  if not outs:
+    raise ValueError('Cannot score an empty batch of images.')
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def check_images(x, name: str) -> None:
+  """Raises ValueError unless `x` is a rank-4 [N, H, W, C] float batch in [0, 1]."""
+  try:
+    pipeline.validate_images(x)
+  except ValueError as e:
+    raise ValueError(f'Defense {name!r}: {e}') from None
 
 
 def save_state(path: str, state: State) -> None:

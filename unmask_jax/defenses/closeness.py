@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unmask_jax.defenses import base
-from unmask_jax.defenses.uncertainty import as_partial, check_images, map_chunks
+from unmask_jax.defenses.base import as_partial, check_images, map_chunks
 
 PMFS = ('softmax', 'normalize')
 

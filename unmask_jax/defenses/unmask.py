@@ -70,7 +70,18 @@ def _check_ctx(ctx: base.Context):
     raise ValueError('UnMask needs ctx.logits_fn (M), ctx.parts_fn (K) and ctx.parts_matrix.')
 
 
-def make() -> base.Defense:
+def _run(state, ctx, x, chunk):
+  state = base.require_fitted(state, 'unmask')
+  _check_ctx(ctx)
+  base.check_images(x, 'unmask')
+  lf, pf = base.as_partial(ctx.logits_fn, 'logits_fn'), base.as_partial(ctx.parts_fn, 'parts_fn')
+  v = state['parts_matrix']
+  # Fixed-size chunks: one compilation whatever the number of images, bounded memory.
+  return base.map_chunks(lambda xb, _: dict(zip(('score', 'pred'), _score_and_predict(lf, pf, v, xb))),
+                         x, chunk)
+
+
+def make(*, chunk: int = 128) -> base.Defense:
   """UnMask as a registry defense: nothing is learned beyond K's own extraction thresholds."""
 
   def fit(ctx, data, key):
@@ -80,14 +91,10 @@ def make() -> base.Defense:
 
   def score(state, ctx, x, key):
     del key
-    state = base.require_fitted(state, 'unmask')
-    _check_ctx(ctx)
-    return _score_and_predict(ctx.logits_fn, ctx.parts_fn, state['parts_matrix'], x)[0]
+    return _run(state, ctx, x, chunk)['score']
 
   def predict(state, ctx, x, key):
     del key
-    state = base.require_fitted(state, 'unmask')
-    _check_ctx(ctx)
-    return _score_and_predict(ctx.logits_fn, ctx.parts_fn, state['parts_matrix'], x)[1]
+    return _run(state, ctx, x, chunk)['pred']
 
   return base.Defense('unmask', fit, score, predict)

@@ -181,16 +181,14 @@ def _safe(name: str) -> str:
   return ''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in name)[:80]
 
 
+def _batched(fn: jax.tree_util.Partial, x, batch_size: int) -> np.ndarray:
+  """A pure Partial over fixed-size padded batches (one compile); padding rows dropped."""
+  return defenses_lib.base.map_chunks(lambda xb, _: {'out': _apply(fn, xb)}, x, batch_size)['out']
+
+
 @jax.jit
 def _apply(fn, x):
   return fn(x)
-
-
-def _batched(fn: jax.tree_util.Partial, x, batch_size: int) -> np.ndarray:
-  """A pure Partial over fixed-size padded batches (one compile); padding rows dropped."""
-  outs = [np.asarray(_apply(fn, b['x']))[b['valid']]
-          for b in pipeline.batches({'x': np.asarray(x)}, batch_size)]
-  return np.concatenate(outs)
 
 
 def evaluate(config, workdir: str) -> dict:

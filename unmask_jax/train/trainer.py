@@ -264,7 +264,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise SimulatedKill(f'stopped after {steps_done} steps (debug_stop_after_steps)')
       if i % 10 == 0 or i == steps_per_epoch - 1:
         run_loss, run_acc = float(m['loss']), float(m['accuracy'])
-        bar.set_postfix(loss=f'{run_loss:.3f}', acc=f'{run_acc:.3f}')
+        bar.set_postfix(loss=f'{run_loss:.3f}', acc=f'{run_acc:.3f}', refresh=False)
     val = evaluate_split(task, eval_logits, state, splits['validation'], eval_bs, data_sharding,
                          spec['num_classes'])
     improved = val[best_key] > best_metric
