@@ -1,0 +1,53 @@
+"""K's extraction rule, IoU and threshold choice on hand-made segmentation outputs."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unmask_jax.models import part_extraction as pe
+
+
+def _logits(label_map, conf_map, num=4):
+  """Per-pixel logits whose arg-max is `label_map` with softmax probability `conf_map` there."""
+  h, w = label_map.shape
+  out = np.zeros((1, h, w, num), np.float32)
+  for i in range(h):
+    for j in range(w):
+      p = np.full(num, (1 - conf_map[i, j]) / (num - 1))
+      p[label_map[i, j]] = conf_map[i, j]
+      out[0, i, j] = np.log(p)
+  return jnp.asarray(out)
+
+
+def test_extraction_rule_area_and_confidence():
+  # 4x4 image: part 1 (id 0) covers 3 confident pixels; part 2 (id 1) 4 pixels at low confidence;
+  # part 3 (id 2) a single confident pixel; the rest is background.
+  labels = np.array([[1, 1, 1, 0], [2, 2, 0, 0], [2, 2, 0, 3], [0, 0, 0, 0]])
+  conf = np.where(labels == 2, 0.4, 0.9)
+  lg = _logits(labels, conf)
+  np.testing.assert_array_equal(pe.extract_parts(lg, min_area=2, min_conf=0.5), [[1, 0, 0]])
+  np.testing.assert_array_equal(pe.extract_parts(lg, min_area=2, min_conf=0.3), [[1, 1, 0]])
+  np.testing.assert_array_equal(pe.extract_parts(lg, min_area=1, min_conf=0.3), [[1, 1, 1]])
+  np.testing.assert_array_equal(pe.extract_parts(lg, min_area=4, min_conf=0.3), [[0, 1, 0]])
+  # Background is never a part, however large.
+  assert pe.extract_parts(_logits(np.zeros((4, 4), int), np.full((4, 4), 0.99)), 1, 0.1).sum() == 0
+
+
+def test_area_conf_stats_feed_threshold_choice():
+  labels = np.array([[1, 1, 1, 0], [2, 2, 0, 0], [2, 2, 0, 3], [0, 0, 0, 0]])
+  conf = np.where(labels == 2, 0.4, 0.9)
+  stats = np.asarray(pe.area_conf_stats(_logits(labels, conf), (0.3, 0.5)))
+  np.testing.assert_array_equal(stats[0], [[3, 4, 1], [3, 0, 1]])
+  # Truth: parts 1 and 2 present, part 3 is a false blob -> min_area 2 with conf 0.3 is perfect.
+  best = pe.choose_thresholds(stats, np.array([[1, 1, 0]]), (0.3, 0.5), (1, 2, 3, 4))
+  assert (best['min_conf'], best['min_area'], best['f1']) == (0.3, 2.0, 1.0)
+
+
+def test_iou_and_presence_hand_computed():
+  conf = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])      # class 2 never seen
+  iou = pe.iou_from_confusion(conf)
+  assert iou[0] == pytest.approx(5 / 8) and iou[1] == pytest.approx(3 / 6) and np.isnan(iou[2])
+  m = pe.presence_prf(np.array([[1, 1, 0], [0, 1, 0]]), np.array([[1, 0, 0], [0, 1, 1]]))
+  assert (m['precision'], m['recall']) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+  cm = np.asarray(pe.confusion(jnp.asarray(np.eye(3)[None, None, [0, 1, 1]] * 5.0),
+                               jnp.array([[[0, 1, 2]]]), 3))
+  np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 0], [0, 1, 0]])
