@@ -173,3 +173,10 @@ def test_example_grid_png(tmp_path):
   path = viz.save_example_grid(ds, str(tmp_path / 'grid.png'), per_class=2)
   with open(path, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_viz_command_writes_png(tmp_path):
+  out = viz.main(['--out', str(tmp_path / 'g.png'), '--data_dir', str(tmp_path), '--split', 'test',
+                  '--per_class', '1'])
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
