@@ -9,6 +9,8 @@ DEFENSES = Registry('defense', {
     'mc_dropout': 'unmask_jax.defenses.uncertainty:make',
     'kde': 'unmask_jax.defenses.closeness:make_kde',
     'kl': 'unmask_jax.defenses.closeness:make_kl',
+    'lr_combiner': 'unmask_jax.defenses.combiner:make',
+    'deep_protection': 'unmask_jax.defenses.deep_protection:make',
 })
 
 

@@ -152,9 +152,9 @@ def kde_log_density(z, classes, train_z, train_y, bandwidths, *, chunk: int = 25
     outs.append(np.asarray(_class_logsumexp(zb, cb, t_z, t_sq, t_y, inv, train_chunk))[:, :k])
   lse = np.concatenate(outs, axis=1).astype(np.float64)
   counts = np.bincount(train_y, minlength=int(rows['c'].max()) + 1)[rows['c']]
-  with np.errstate(divide='ignore'):
-    log_n = np.log(counts.astype(np.float64))
+  log_n = np.log(np.maximum(counts, 1).astype(np.float64))
   log_p = lse - log_n[None] - 0.5 * d * np.log(2.0 * np.pi * h * h)[:, None]
+  log_p[:, counts == 0] = -np.inf  # No training point of that class: density 0.
   log_p = log_p.astype(np.float32)
   return log_p[0] if scalar else log_p
 
@@ -229,7 +229,8 @@ def make_kde(*, bandwidth: float | None = None, chunk: int = 256, train_chunk: i
     if bandwidth is None:
       h, grid, mean_ll = select_bandwidth(z, y, key, holdout=holdout, chunk=chunk,
                                           train_chunk=train_chunk)
-      state.update(bandwidth_grid=grid.astype(np.float32), heldout_loglik=mean_ll.astype(np.float32))
+      state.update(bandwidth_grid=grid.astype(np.float32),
+                   heldout_loglik=mean_ll.astype(np.float32))
     else:
       h = float(bandwidth)
     state['bandwidth'] = np.asarray(h, np.float32)

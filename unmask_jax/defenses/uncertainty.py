@@ -3,17 +3,21 @@
 M is run T times with dropout active (`ctx.mc_logits_fn(x, key)`, the dropout rate is the one M
 was trained with). With p_t = softmax of pass t and p_T = (1/T) sum_t p_t (seed 004, eq. 5):
 
-  confidence          1 - max_c p_T[c]                       (seed 004 §3.4.1, flipped: higher = less sure)
-  entropy             H(p_T) = -sum_c p_T[c] log p_T[c]       (eq. 6)
+  confidence          1 - max_c p_T[c]                    (§3.4.1, flipped: higher = less sure)
+  entropy             H(p_T) = -sum_c p_T[c] log p_T[c]   (eq. 6)
   variance            (1/K) sum_c (1/T) sum_t (p_t[c] - p_T[c])^2   (eq. 7, then the class mean)
-  mutual_information  H(p_T) - (1/T) sum_t H(p_t)             (eq. 8)
+  mutual_information  H(p_T) - (1/T) sum_t H(p_t)         (eq. 8)
 
 Every score is oriented so that higher = more uncertain = more likely adversarial.
 
 The T passes are one `jax.vmap` over T keys inside one jitted function, so XLA sees a single batch
 of T x chunk forward passes. Inputs are processed in fixed-size chunks (the last one padded) so the
 function compiles once per (model, chunk, T); peak memory grows with T * chunk, so lower `chunk`
-for large models.
+for large models. Because only the key is vmapped, every layer before M's first dropout does not
+depend on it and XLA computes it once for all T passes. Measured on the 2-core CPU (T = 50, 128
+images of 32x32x3, a conv-conv-pool-dense(128) CNN): with dropout only after the dense layer, the
+vmapped passes took 0.04 s against 1.1-2.4 s for a Python loop of 50 jitted passes; with a dropout
+after the first conv (so the second conv is in the T passes), 3.4-3.7 s against 2.7-3.0 s.
 """
 from __future__ import annotations
 
@@ -87,7 +91,8 @@ def _chunk_metrics(mc_logits_fn, x, key, num_samples):
   return out
 
 
-def mc_dropout_metrics(ctx: base.Context, x, key: jax.Array, *, T: int = 50,  # pylint: disable=invalid-name
+# pylint: disable-next=invalid-name
+def mc_dropout_metrics(ctx: base.Context, x, key: jax.Array, *, T: int = 50,
                        chunk: int = 32) -> dict[str, np.ndarray]:
   """All MC-dropout metrics (see `mc_metrics`) plus 'prediction' for a batch of images.
 
@@ -102,7 +107,8 @@ def mc_dropout_metrics(ctx: base.Context, x, key: jax.Array, *, T: int = 50,  # 
                     x, chunk)
 
 
-def make(*, metric: str = 'entropy', T: int = 50, chunk: int = 32) -> base.Defense:  # pylint: disable=invalid-name
+# pylint: disable-next=invalid-name
+def make(*, metric: str = 'entropy', T: int = 50, chunk: int = 32) -> base.Defense:
   """MC-dropout uncertainty detector (seed 004; Feinman et al. 2017).
 
   Args:

@@ -1,0 +1,265 @@
+"""Logistic-regression combination of detector scores (seed 004 §5.3; Feinman et al. 2017).
+
+Each member detector d_j gives a score s_j(x); the combined detector is
+
+  f(x) = w . ((s(x) - mu) / sigma) + b,
+
+with (mu, sigma) a StandardScaler fitted on the combiner's training pool and (w, b) a scikit-learn
+LogisticRegression fitted on: negatives = clean images AND Gaussian-noisy copies of them (noise std
+matched to the attack, so that "is perturbed" alone is not what the detector learns), positives =
+adversarial images.
+
+Two fits, on different data:
+  1. `Defense.fit(ctx, data, key)`: fits every member on CLEAN training data (KDE densities, KL
+     class means, ...), like any other defense.
+  2. `fit_combiner(state, ctx, x_clean, x_adv, noise_std, key)`: the LR needs adversarial positives,
+     which the clean-only protocol cannot give it, so it is a separate explicit step on a held-out
+     split. The original code fitted and scored the LR on the same examples, which overstates its
+     AUC; here `fit_combiner` records a fingerprint of every image it saw and `score` refuses
+     (`LeakageError`) to score any of them (`assert_disjoint`).
+
+Members that are `mc_dropout(...)` specs differing only in `metric` share one set of T stochastic
+passes (the metrics are all functions of the same [T, N, K] probabilities), so the default four
+uncertainty features cost one MC run instead of four.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence, Union
+
+import jax
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from unmask_jax import defenses
+from unmask_jax.defenses import base, uncertainty
+from unmask_jax.registry import parse_spec
+
+# The six features of seed 004 (Table 5).
+DEFAULT_MEMBERS = ('mc_dropout(metric="variance")', 'mc_dropout(metric="entropy")',
+                   'mc_dropout(metric="mutual_information")', 'mc_dropout(metric="confidence")',
+                   'kde', 'kl')
+OUTPUTS = ('decision', 'probability')
+
+
+class LeakageError(ValueError):
+  """Raised when images the combiner was fitted on are passed for evaluation."""
+
+
+def image_fingerprints(x) -> np.ndarray:
+  """One 64-bit BLAKE2b hash per image of its float32 pixels: uint64 [N].
+
+  Exact: it identifies the same image array (also after a float32 round trip), not a perturbed or
+  re-encoded version of it, so held-out splits must still be made by source image.
+  """
+  x = np.ascontiguousarray(np.asarray(x, np.float32))
+  digests = [hashlib.blake2b(img.tobytes(), digest_size=8).digest() for img in x]
+  return np.asarray([int.from_bytes(d, 'little') for d in digests], np.uint64)
+
+
+def assert_disjoint(state: base.State, *x_eval) -> None:
+  """Raises `LeakageError` if any image of `x_eval` was used by `fit_combiner`."""
+  if 'fit_fingerprints' not in state:
+    raise base.NotFittedError('The combiner has no fingerprints: call fit_combiner first.')
+  seen = state['fit_fingerprints']
+  for i, x in enumerate(x_eval):
+    overlap = np.isin(image_fingerprints(x), seen)
+    if overlap.any():
+      raise LeakageError(f'{int(overlap.sum())} of {len(overlap)} evaluation images (argument {i}) '
+                         'were used to fit the combiner; fit it on a held-out split of different '
+                         'images (seed 004 fitted and scored on the same data; this repository '
+                         'does not).')
+
+
+def matched_noise_std(x_clean, x_adv) -> np.ndarray:
+  """Per-image noise std with the same expected L2 norm as the attack: RMS_pixels(x_adv - x_clean).
+
+  For paired clean/adversarial images; Gaussian noise of this std per pixel has E||n||^2 =
+  ||x_adv - x_clean||^2 (Feinman et al. 2017 matched the noisy samples' L2 norm to the attack).
+  """
+  delta = np.asarray(x_adv, np.float32) - np.asarray(x_clean, np.float32)
+  return np.sqrt(np.mean(np.square(delta), axis=tuple(range(1, delta.ndim))))
+
+
+def _member_id(member: Union[str, base.Defense]) -> str:
+  return member if isinstance(member, str) else member.name
+
+
+def _mc_group(member: Union[str, base.Defense]):
+  """(hashable settings without the metric, metric) for shareable mc_dropout specs, else None."""
+  if not isinstance(member, str):
+    return None
+  name, kwargs = parse_spec(member)
+  if name != 'mc_dropout':
+    return None
+  metric = kwargs.pop('metric', 'entropy')
+  return tuple(sorted(kwargs.items())), metric
+
+
+def _build_members(members) -> tuple[list[base.Defense], list[str]]:
+  if isinstance(members, str) or not members:
+    raise ValueError(f'members must be a non-empty sequence of detector specs, got {members!r}')
+  ids = [_member_id(m) for m in members]
+  return [defenses.make(m) if isinstance(m, str) else m for m in members], ids
+
+
+def _member_state(state: base.State, i: int) -> base.State:
+  prefix = f'member{i}.'
+  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def member_scores(state: base.State, ctx: base.Context, x, key: jax.Array,
+                  members: Sequence[Union[str, base.Defense]] | None = None) -> np.ndarray:
+  """[N, num_members] member scores (each higher = more adversarial): the LR's features.
+
+  Args:
+    state: a combiner state (from `make(...).fit`).
+    members: the member specs/Defenses; None = rebuild them from the specs stored in the state
+      (pass them when the combiner was made from `Defense` objects rather than specs).
+  """
+  base.require_fitted(state, 'lr_combiner')
+  stored = [str(m) for m in np.asarray(state['member_ids']).reshape(-1)]
+  members = stored if members is None else list(members)
+  built, ids = _build_members(members)
+  if ids != stored:
+    raise ValueError(f'lr_combiner: state was fitted with members {stored}, got {ids}')
+  keys = jax.random.split(key, len(built))
+  shared: dict = {}
+  cols = []
+  for i, member in enumerate(built):
+    st = _member_state(state, i)
+    group = _mc_group(members[i])
+    if group is not None:
+      settings, metric = group
+      if settings not in shared:
+        # The first member with these MC settings runs the T passes (with its key); the others
+        # reuse them: every metric is a function of the same [T, N, K] probabilities.
+        base.require_fitted(st, ids[i])
+        base.check_images(x, ids[i])
+        shared[settings] = uncertainty.mc_dropout_metrics(ctx, x, keys[i], **dict(settings))
+      cols.append(shared[settings][metric])
+    else:
+      cols.append(np.asarray(member.score(st, ctx, x, keys[i])))
+  s = np.stack(cols, axis=1).astype(np.float64)
+  if not np.all(np.isfinite(s)):
+    bad = [ids[j] for j in np.flatnonzero(~np.all(np.isfinite(s), axis=0))]
+    raise ValueError(f'lr_combiner: non-finite scores from member(s) {bad}')
+  return s
+
+
+# pylint: disable-next=invalid-name
+def make(*, members: Sequence[Union[str, base.Defense]] = DEFAULT_MEMBERS, C: float = 1.0,
+         output: str = 'decision', check_disjoint: bool = True,
+         max_iter: int = 1000) -> base.Defense:
+  """Logistic-regression detector on standardised member scores (seed 004 §5.3).
+
+  score(x) = w . ((s(x) - mu) / sigma) + b (or its sigmoid), s = member scores; see the module
+  docstring for how w, b, mu, sigma are fitted.
+
+  Args:
+    members: detector specs of the registry (e.g. 'kde(bandwidth=0.26)'), or `Defense` objects
+      (then pass `members=` to `fit_combiner` too).
+    C: inverse L2 regularisation strength of the LR.
+    output: 'decision' (the log-odds) or 'probability' (its sigmoid); the same ROC.
+    check_disjoint: `score` raises `LeakageError` on images `fit_combiner` saw (keep True for
+      evaluation).
+    max_iter: LR solver iterations.
+
+  Returns:
+    A `Defense` whose fit fits the members on clean data; call `fit_combiner` before `score`.
+  """
+  if output not in OUTPUTS:
+    raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
+  if not C > 0 or max_iter < 1:
+    raise ValueError(f'Need C > 0 and max_iter >= 1, got C={C}, max_iter={max_iter}')
+  members = tuple(members) if not isinstance(members, str) else members
+  built, ids = _build_members(members)
+  name = 'lr_combiner'
+
+  def fit(ctx, data, key):
+    keys = jax.random.split(key, len(built))
+    state = {'member_ids': np.asarray(ids), 'lr_C': np.asarray(C, np.float64),
+             'lr_max_iter': np.asarray(max_iter, np.int32)}
+    for i, (member, k) in enumerate(zip(built, keys)):
+      for field, value in base.require_fitted(member.fit(ctx, data, k), ids[i]).items():
+        state[f'member{i}.{field}'] = np.asarray(value)
+    return state
+
+  def score(state, ctx, x, key):
+    base.require_fitted(state, name)
+    if 'lr_coef' not in state:
+      raise base.NotFittedError(f'{name}: the logistic regression is not fitted; call '
+                                'combiner.fit_combiner(state, ctx, x_clean, x_adv, noise_std, key) '
+                                'on a held-out split first.')
+    if check_disjoint:
+      assert_disjoint(state, x)
+    s = (member_scores(state, ctx, x, key, members) - state['scaler_mean']) / state['scaler_scale']
+    logit = s @ state['lr_coef'] + float(state['lr_intercept'])
+    if output == 'probability':
+      logit = 1.0 / (1.0 + np.exp(-logit))
+    return logit.astype(np.float32)
+
+  return base.Defense(name=name, fit=fit, score=score)
+
+
+def fit_combiner(state: base.State, ctx: base.Context, x_clean, x_adv, noise_std,
+                 key: jax.Array, *, members=None) -> base.State:
+  """Fits the combiner's LR on a HELD-OUT split; returns the state with it added.
+
+  Pool: negatives = x_clean and x_noisy = clip(x_clean + noise_std * N(0, I), 0, 1); positives =
+  x_adv. Features = member scores, standardised with the pool's mean and std (StandardScaler);
+  LR = scikit-learn LogisticRegression(C) on them (seed 004 §5.3). Stores the scaler's mean/scale,
+  the LR's coef/intercept and the fingerprints of every clean and adversarial image used, so that
+  `score` refuses them later (`assert_disjoint`).
+
+  Args:
+    state: from the combiner's `fit` on clean training data.
+    ctx: the protected system.
+    x_clean: [N, H, W, C] clean held-out images; x_adv: [M, H, W, C] adversarial images (typically
+      attacks of x_clean); both must come from images not in the evaluation split.
+    noise_std: scalar or per-clean-image [N] std of the Gaussian noise, matched to the attack (e.g.
+      `matched_noise_std(x_clean, x_adv)`, or the attack's eps).
+    key: PRNG key (noise and member scoring).
+    members: as in `member_scores` (None = the specs stored in the state).
+  """
+  base.require_fitted(state, 'lr_combiner')
+  if 'member_ids' not in state:
+    raise ValueError('fit_combiner needs the state of an lr_combiner fit.')
+  for arr, what in ((x_clean, 'x_clean'), (x_adv, 'x_adv')):
+    base.check_images(arr, f'lr_combiner {what}')
+  x_clean = np.asarray(x_clean, np.float32)
+  x_adv = np.asarray(x_adv, np.float32)
+  noise_std = np.asarray(noise_std, np.float32)
+  if noise_std.ndim == 1:
+    if len(noise_std) != len(x_clean):
+      raise ValueError(f'noise_std has {len(noise_std)} values for {len(x_clean)} clean images')
+    noise_std = noise_std[:, None, None, None]
+  elif noise_std.ndim != 0:
+    raise ValueError(f'noise_std must be a scalar or [N], got shape {noise_std.shape}')
+  if np.any(noise_std < 0) or not np.all(np.isfinite(noise_std)):
+    raise ValueError('noise_std must be finite and >= 0')
+  k_noise, k_score = jax.random.split(key)
+  noise = np.asarray(jax.random.normal(k_noise, x_clean.shape), np.float32)
+  # Clipping keeps valid images; it slightly shrinks the noise at saturated pixels, as projection
+  # onto [0, 1] shrinks an attack.
+  x_noisy = np.clip(x_clean + noise_std * noise, 0.0, 1.0)
+  pool = np.concatenate([x_clean, x_noisy, x_adv])
+  y = np.concatenate([np.zeros(2 * len(x_clean)), np.ones(len(x_adv))]).astype(np.int32)
+  feats = member_scores(state, ctx, pool, k_score, members)
+  scaler = StandardScaler().fit(feats)
+  lr = LogisticRegression(C=float(state['lr_C']), max_iter=int(state['lr_max_iter']))
+  lr.fit(scaler.transform(feats), y)
+  out = dict(state)
+  out.update(scaler_mean=scaler.mean_.astype(np.float64),
+             scaler_scale=scaler.scale_.astype(np.float64),
+             lr_coef=lr.coef_[0].astype(np.float64),
+             lr_intercept=np.asarray(lr.intercept_[0], np.float64),
+             fit_fingerprints=np.unique(np.concatenate([image_fingerprints(x_clean),
+                                                        image_fingerprints(x_adv)])),
+             fit_counts=np.asarray([len(x_clean), len(x_noisy), len(x_adv)], np.int32))
+  return out
+
+
+__all__ = ['DEFAULT_MEMBERS', 'LeakageError', 'assert_disjoint', 'fit_combiner',
+           'image_fingerprints', 'make', 'matched_noise_std', 'member_scores']
