@@ -5,7 +5,10 @@
       --config.class_sets.cs3a.at_dir=runs/at_cs3a --config.class_sets.cs3a.at_attacks_dir=runs/attacks_at_cs3a
 
 Each class set names its M (train_m.py workdir), the attack results on M (attack.py workdir) and,
-optionally, the adversarially trained M and the attacks on it (for the AT column). Writes
+optionally, the adversarially trained M and the attacks on it (for the AT column), the MRR
+defenders (`mrr_dir` with defender_0, defender_1, ... trained by train_m.py with
+configs/mrr_defender.py) and attacks on the first validation images for the LR combiner
+(`holdout_attacks_dir`: attack.py --config.split=validation --config.max_examples=150). Writes
 report.md, results.json and roc_<class set>.png to --workdir.
 """
 import ml_collections
@@ -15,7 +18,8 @@ def class_set_dirs(root: str, name: str) -> ml_collections.ConfigDict:
   """The directory layout the main job uses under `root`."""
   return ml_collections.ConfigDict({
       'm_dir': f'{root}/m_{name}', 'attacks_dir': f'{root}/attacks_{name}',
-      'at_dir': f'{root}/at_{name}', 'at_attacks_dir': f'{root}/attacks_at_{name}'})
+      'at_dir': f'{root}/at_{name}', 'at_attacks_dir': f'{root}/attacks_at_{name}',
+      'mrr_dir': f'{root}/mrr_{name}', 'holdout_attacks_dir': f'{root}/attacks_holdout_{name}'})
 
 
 def get_config():
@@ -23,7 +27,9 @@ def get_config():
   c.k_dir = 'runs/main/k'
   c.data_dir = 'data'
   c.class_sets = ml_collections.ConfigDict({n: class_set_dirs('runs/main', n) for n in ('cs3a', 'cs3b')})
-  c.defenses = ('unmask', 'mc_dropout(metric="mutual_information")', 'kde', 'kl')
+  # lr_combiner needs the class set's holdout_attacks_dir, mrr its mrr_dir (see main.py / README).
+  c.defenses = ('unmask', 'mc_dropout(metric="mutual_information")', 'kde', 'kl', 'lr_combiner',
+                'mrr(n=1)', 'mrr(n=2)', 'mrr(n=4)', 'mrr(n=4, sp=5)')
   c.max_validation = 0     # clean validation images for thresholds (0 = all)
   c.max_fit = 2000         # clean training images the defenses are fitted on
   c.batch_size = 128

@@ -1,5 +1,6 @@
-"""The main job on embedded SynthParts data: K, M and AT-M for CS3a and CS3b, the paper's attacks,
-UnMask evaluation.
+"""The main job on embedded SynthParts data: K, M, AT-M and MRR defenders for CS3a and CS3b, the
+paper's attacks, and the evaluation of every defense (UnMask, MC dropout, KDE, KL, LR combiner,
+MRR, Deep Protection).
 
   python3 main.py --workdir=runs/main                       # this config
   python3 main.py --config=configs/quick.py --workdir=runs/quick   # a smoke run in about a minute
@@ -8,7 +9,7 @@ Expect (2-core CPU): see README "Results" for the measured wall time and numbers
 """
 import ml_collections
 
-from configs import attack, evaluate, synthparts_k, synthparts_m
+from configs import attack, evaluate, mrr_defender, synthparts_k, synthparts_m
 
 
 def get_config():
@@ -24,5 +25,9 @@ def get_config():
   c.at.num_epochs = 12              # each AT step costs 8 forward-backward passes
   c.attack = attack.get_config()
   c.attack.max_examples = 300       # test images attacked per class set (first 300 of the split)
+  # MRR (seed 002): N defenders per class set; the evaluation reports N = 1, 2, 4 (first n of them).
+  c.mrr = ml_collections.ConfigDict({'num_defenders': 4, 'defender': mrr_defender.get_config()})
+  # Validation images attacked to fit the LR combiner (held out: thresholds use the others).
+  c.combiner_holdout = 150
   c.evaluate = evaluate.get_config()
   return c

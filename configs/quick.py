@@ -15,11 +15,19 @@ def get_config():
     m.num_epochs = 6   # enough for a non-constant classifier, so attacks have something to flip
     m.batch_size = 16
     m.optimizer.learning_rate = 3e-3
+  c.mrr.num_defenders = 2
+  c.mrr.defender.model.kwargs = {'base': 'cnn_small', 'base_kwargs': dict(c.m.model.kwargs)}
+  c.mrr.defender.num_epochs = 2
+  c.mrr.defender.batch_size = 16
+  c.combiner_holdout = 12
   c.attack.max_examples = 24
   # Three vectors (single-step, iterative L∞, iterative L2) keep compile time small.
   c.attack.attacks = ('FGSM-Linf-8=fgsm(eps=8/255)', 'PGD-Linf-8=pgd_linf(eps=8/255, steps=3)',
                       'PGD-L2-600=pgd_l2(eps=0.5, steps=3)')
   c.attack.batch_size = 32
   c.evaluate.max_fit = 64
+  c.evaluate.defenses = ('unmask', 'mc_dropout(metric="mutual_information", T=8)', 'kde', 'kl',
+                         'lr_combiner(members=("mc_dropout(T=8)", "kde", "kl"))', 'mrr(n=1)',
+                         'mrr(n=2)')
   c.evaluate.batch_size = 32
   return c

@@ -27,22 +27,34 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
   wd, _, report = quick_run
   text = open(report).read()
   for section in ('## Findings', '## Accuracy (Table IV form', '## Detection (contamination 0.5)',
-                  '## Part extraction K under attack', '## Sanity checks of the attacks'):
+                  '## MRR at its security parameter', '## Part extraction K under attack',
+                  '## Sanity checks of the attacks'):
     assert section in text
   for cs in ('cs3a', 'cs3b'):
     assert f'![ROC {cs}](roc_{cs}.png)' in text
     assert os.path.getsize(os.path.join(wd, 'eval', f'roc_{cs}.png')) > 1000
   results = json.load(open(os.path.join(wd, 'eval', 'results.json')))
   cs3a = results['class_sets']['cs3a']
-  # MC dropout also predicts (the MC-averaged class); KDE and KL only detect.
-  assert set(cs3a['clean']) == {'None', 'AT', 'unmask', 'mc_dropout(metric="mutual_information")'}
+  mc = next(d for d in results['defenses'] if d.startswith('mc_dropout'))
+  # MC dropout also predicts (the MC-averaged class); KDE, KL, LR and MRR only detect.
+  assert set(cs3a['clean']) == {'None', 'AT', 'unmask', mc}
   assert set(cs3a['attacks']) == {'FGSM-Linf-8', 'PGD-Linf-8', 'PGD-L2-600'}
   # The report lists attacks in the order they were run (results.json is key-sorted).
   assert text.index('| FGSM-Linf-8 |') < text.index('| PGD-Linf-8 |') < text.index('| PGD-L2-600 |')
   a = cs3a['attacks']['PGD-Linf-8']
-  assert set(a['accuracy']) == {'None', 'AT', 'unmask', 'mc_dropout(metric="mutual_information")'}
+  assert set(a['accuracy']) == {'None', 'AT', 'unmask', mc}
   detected = {d for x in cs3a['attacks'].values() for d in x['detection']}
   assert detected <= set(results['defenses']) and {'kde', 'kl'} <= set(results['defenses'])
+  # Every kind of detector reached the detection table, the combiner included.
+  kinds = {d.split('(')[0] for d in detected}
+  assert kinds == {'unmask', 'mc_dropout', 'kde', 'kl', 'lr_combiner', 'mrr'}, kinds
+  # The combiner's held-out split: 12 validation images attacked, thresholds on the other 24.
+  assert cs3a['n_combiner_holdout'] == 12 and cs3a['n_validation'] == 24
+  # MRR flags at its own operating point; 2 defenders were trained and loaded.
+  assert len(cs3a['mrr_defenders']) == 2
+  for d in ('mrr(n=1)', 'mrr(n=2)'):
+    assert 0.0 <= cs3a['flags_clean'][d]['test'] <= 1.0
+    assert 0.0 <= a['flags'][d]['defense_success'] <= 1.0
   for v in a['accuracy'].values():
     assert 0.0 <= v <= 1.0
   assert cs3a['overlap'] == pytest.approx(2 / 29)

@@ -122,12 +122,29 @@ def run_main(config, workdir: str) -> str:
       stage(f'train AT-M {cs}', lambda: train(at_cfg, os.path.join(workdir, f'at_{cs}'),
                                               expect_task='classifier'))
       dirs.update(at_dir=os.path.join(workdir, f'at_{cs}'), at_attacks_dir=os.path.join(workdir, f'attacks_at_{cs}'))
-    for who, model_dir, out_dir in (('M', dirs['m_dir'], dirs['attacks_dir']),
-                                    ('AT-M', dirs['at_dir'], dirs['at_attacks_dir'])):
+    n_mrr = config.get('mrr', {}).get('num_defenders', 0)
+    if n_mrr:
+      # MRR defenders (seed 002): M's architecture, each from its own seed, CE + center loss.
+      dirs['mrr_dir'] = os.path.join(workdir, f'mrr_{cs}')
+
+      def train_defenders():
+        for i in range(n_mrr):
+          d_cfg = _with_data(config.mrr.defender, config.data_dir, opts)
+          d_cfg.data.class_set, d_cfg.seed = cs, config.mrr.defender.seed + i
+          train(d_cfg, os.path.join(dirs['mrr_dir'], f'defender_{i}'), expect_task='classifier')
+      stage(f'train MRR defenders {cs}', train_defenders)
+    attack_jobs = [('M', dirs['m_dir'], dirs['attacks_dir'], 'test', config.attack.max_examples)]
+    if config.get('combiner_holdout', 0):
+      # Attacks on the first validation images: the LR combiner's held-out fitting data.
+      dirs['holdout_attacks_dir'] = os.path.join(workdir, f'attacks_holdout_{cs}')
+      attack_jobs.append(('M (held-out validation)', dirs['m_dir'], dirs['holdout_attacks_dir'],
+                          'validation', config.combiner_holdout))
+    attack_jobs.append(('AT-M', dirs['at_dir'], dirs['at_attacks_dir'], 'test', config.attack.max_examples))
+    for who, model_dir, out_dir, split, n in attack_jobs:
       if not model_dir:
         continue
       a_cfg = config.attack.copy_and_resolve_references()
-      a_cfg.model_dir, a_cfg.data_dir = model_dir, config.data_dir
+      a_cfg.model_dir, a_cfg.data_dir, a_cfg.split, a_cfg.max_examples = model_dir, config.data_dir, split, n
       stage(f'attack {who} {cs}', lambda: attack(a_cfg, out_dir))
     eval_sets[cs] = dirs
 
@@ -138,7 +155,7 @@ def run_main(config, workdir: str) -> str:
   eval_dir = os.path.join(workdir, 'eval')
   report_path = os.path.join(eval_dir, 'report.md')
   inputs = [os.path.join(d[k], attack_runner.INDEX) for d in eval_sets.values()
-            for k in ('attacks_dir', 'at_attacks_dir') if d[k]]
+            for k in ('attacks_dir', 'at_attacks_dir', 'holdout_attacks_dir') if d.get(k)]
   # Re-evaluate when an attack result is newer than the report or the evaluation config changed.
   stamp_path = os.path.join(eval_dir, 'config.json')
   stamp = json.loads(e_cfg.to_json(sort_keys=True))

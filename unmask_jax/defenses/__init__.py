@@ -11,6 +11,7 @@ DEFENSES = Registry('defense', {
     'kl': 'unmask_jax.defenses.closeness:make_kl',
     'lr_combiner': 'unmask_jax.defenses.combiner:make',
     'deep_protection': 'unmask_jax.defenses.deep_protection:make',
+    'mrr': 'unmask_jax.defenses.mrr:make',
 })
 
 

@@ -8,8 +8,9 @@ A defense is one module that exposes a `Defense` built from pure functions, like
   classes = defense.predict(state, ctx, x, key)  # [N] int, optional corrected class
 
 `ctx` (a `Context`) is everything a defense may see of the protected system: pure functions of the
-victim M (`logits_fn`, `features_fn`, `mc_logits_fn`), of the part extractor K (`parts_fn`) and the
-class->parts matrix. `data` is a dict with 'image' (float32 [N,H,W,C] in [0,1]) and 'label'
+victim M (`logits_fn`, `features_fn`, `mc_logits_fn`), of the part extractor K (`parts_fn`), the
+class->parts matrix, and of auxiliary models trained for a defense (MRR's `defenders`). `data`
+is a dict with 'image' (float32 [N,H,W,C] in [0,1]) and 'label'
 (int32 [N]). `state` is a pytree of arrays (a dict) so it can be saved with `save_state` and
 reloaded for evaluation to resume. Hyper-parameters are keyword arguments of a factory function
 `make(**params) -> Defense`, registered in `unmask_jax.defenses.DEFENSES`.
@@ -42,6 +43,8 @@ class Context(NamedTuple):
     parts_matrix: float [num_classes, NUM_PARTS]: parts expected for each class of M.
     num_classes: number of classes of M.
     class_names: names of M's classes.
+    defenders: feature functions x -> [N, D] of MRR defender modules (`models.defender`), for
+      the `mrr` detector; empty unless the evaluation was given trained defenders.
   """
   logits_fn: Optional[Callable] = None
   features_fn: Optional[Callable] = None
@@ -51,6 +54,7 @@ class Context(NamedTuple):
   parts_matrix: Optional[Array] = None
   num_classes: int = 0
   class_names: tuple = ()
+  defenders: tuple = ()
 
 
 class Defense(NamedTuple):

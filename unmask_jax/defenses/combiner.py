@@ -194,13 +194,29 @@ def make(*, members: Sequence[Union[str, base.Defense]] = DEFAULT_MEMBERS, C: fl
                                 'on a held-out split first.')
     if check_disjoint:
       assert_disjoint(state, x)
-    s = (member_scores(state, ctx, x, key, members) - state['scaler_mean']) / state['scaler_scale']
-    logit = s @ state['lr_coef'] + float(state['lr_intercept'])
-    if output == 'probability':
-      logit = 1.0 / (1.0 + np.exp(-logit))
-    return logit.astype(np.float32)
+    return lr_decision(state, member_scores(state, ctx, x, key, members), output)
 
   return base.Defense(name=name, fit=fit, score=score)
+
+
+def lr_decision(state: base.State, feats, output: str = 'decision') -> np.ndarray:
+  """The fitted LR on member scores [N, members]: w . ((s - mu) / sigma) + b (or its sigmoid).
+
+  Lets a caller that already computed `member_scores` for several splits apply several fitted
+  combiners (e.g. one per attack) without re-running the members; it does NOT check leakage, so
+  such a caller must call `assert_disjoint` itself.
+  """
+  if 'lr_coef' not in state:
+    raise base.NotFittedError('lr_combiner: call fit_combiner on a held-out split first.')
+  feats = np.asarray(feats, np.float64)
+  if feats.ndim != 2 or feats.shape[1] != len(state['lr_coef']):
+    raise ValueError(f'lr_combiner: expected member scores [N, {len(state["lr_coef"])}], got '
+                     f'shape {feats.shape}')
+  logit = (feats - state['scaler_mean']) / state['scaler_scale'] @ state['lr_coef'] \
+      + float(state['lr_intercept'])
+  if output == 'probability':
+    logit = 1.0 / (1.0 + np.exp(-logit))
+  return logit.astype(np.float32)
 
 
 def fit_combiner(state: base.State, ctx: base.Context, x_clean, x_adv, noise_std,
@@ -262,4 +278,4 @@ def fit_combiner(state: base.State, ctx: base.Context, x_clean, x_adv, noise_std
 
 
 __all__ = ['DEFAULT_MEMBERS', 'LeakageError', 'assert_disjoint', 'fit_combiner',
-           'image_fingerprints', 'make', 'matched_noise_std', 'member_scores']
+           'image_fingerprints', 'lr_decision', 'make', 'matched_noise_std', 'member_scores']

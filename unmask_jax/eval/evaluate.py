@@ -6,7 +6,11 @@ K and the defenses are unknown to the attacker. This is NOT an adaptive white-bo
 
 Honest-evaluation rules applied here:
 * detection thresholds are set on held-out CLEAN validation images only (never on test scores);
-* defenses are fitted on clean training images only;
+* defenses are fitted on clean training images only; the LR combiner's logistic regression (the
+  one detector that needs adversarial examples to fit) is fitted on attacks of the first validation
+  images (`holdout_attacks_dir`), and thresholds then use only the other validation images;
+* MRR and other defenses with their own operating point (`state['flag_threshold']`, e.g. MRR's
+  security parameter) also get flag rates and defense success at that point;
 * positives = successful adversarial examples, negatives = their own clean counterparts
   (contamination 0.5); accuracies are also reported with contamination 1 and on clean data;
 * the attack results must come from the same model and data (fingerprints are checked).
@@ -25,8 +29,10 @@ from unmask_jax import data as data_lib
 from unmask_jax import defenses as defenses_lib
 from unmask_jax.data import parts as parts_lib
 from unmask_jax.data import pipeline
+from unmask_jax.defenses import combiner
 from unmask_jax.eval import attack_runner, metrics
 from unmask_jax.models import functional, part_extraction
+from unmask_jax.registry import parse_spec
 from unmask_jax.train import checkpoint as ckpt
 
 
@@ -55,10 +61,22 @@ def _require(path: str, command: str) -> str:
   return path
 
 
-def load_attack_results(attacks_dir: str, model_fp: str, test: data_lib.ArrayDataset, who: str):
-  """Reads attack.py's index + arrays, checking they were made on this model and data."""
+def load_attack_results(attacks_dir: str, model_fp: str, test: data_lib.ArrayDataset, who: str,
+                        split: str = 'test'):
+  """Reads attack.py's index + arrays, checking they were made on this model and data.
+
+  `test` is the split the attacks must have been run on (`split` names it): its first
+  `index['n']` images are returned with the results.
+  """
   index = ckpt.read_json(_require(os.path.join(attacks_dir, attack_runner.INDEX),
-                                  f'python3 attack.py --config.model_dir=<{who} dir> --workdir={attacks_dir}'))
+                                  f'python3 attack.py --config.model_dir=<{who} dir> '
+                                  f'--config.split={split} --workdir={attacks_dir}'))
+  if index.get('split', 'test') != split:
+    raise ValueError(f'{attacks_dir} holds attacks on the {index.get("split")!r} split, but the '
+                     f'{split!r} split is expected here.')
+  if index['n'] > len(test):
+    raise ValueError(f'{attacks_dir} attacked {index["n"]} images, more than the {len(test)} of '
+                     f'the {split} split given')
   sub = test.take(slice(0, index['n']))
   if index['model_fingerprint'] != model_fp:
     raise ValueError(f'The attack results in {attacks_dir} were made on another model '
@@ -66,7 +84,7 @@ def load_attack_results(attacks_dir: str, model_fp: str, test: data_lib.ArrayDat
                      're-run attack.py on this model.')
   if index['data_fingerprint'] != sub.fingerprint():
     raise ValueError(f'The attack results in {attacks_dir} were made on other data than the '
-                     f'{who}\'s test split; re-run attack.py.')
+                     f'{who}\'s {split} split; re-run attack.py.')
   results = {}
   for label in index.get('order', sorted(index['attacks'])):
     with np.load(_require(os.path.join(attacks_dir, f'{label}.npz'), 'python3 attack.py ...')) as f:
@@ -83,6 +101,64 @@ def _accuracy(pred, y) -> float:
   return float(np.mean(np.asarray(pred) == np.asarray(y)))
 
 
+def load_defenders(mrr_dir: str, m_spec: dict) -> tuple[tuple, list[dict]]:
+  """Feature functions of the MRR defenders in `<mrr_dir>/defender_<i>` (train_m.py workdirs).
+
+  Returns (features_fns in index order, [{'dir', 'test_accuracy'}]). Each defender must have been
+  trained on the victim's data (same class names and data config).
+  """
+  if not mrr_dir:
+    return (), []
+  names = [d for d in os.listdir(_require(mrr_dir, 'python3 train_m.py --config=configs/mrr_defender.py ...'))
+           if d.startswith('defender_') and d.split('_', 1)[1].isdigit()]
+  fns, info = [], []
+  for d in sorted(names, key=lambda n: int(n.split('_', 1)[1])):
+    path = os.path.join(mrr_dir, d)
+    model, spec = ckpt.load_model(path)
+    if spec['model'] != 'mrr_defender':
+      raise ValueError(f'{path} holds a {spec["model"]}, not an mrr_defender')
+    if spec['class_names'] != m_spec['class_names'] or spec['data_config'] != m_spec['data_config']:
+      raise ValueError(f'The MRR defender {path} was trained on other data than the victim M')
+    fns.append(functional.features_fn(model))
+    final = os.path.join(path, 'final.json')
+    acc = ckpt.read_json(final)['test']['accuracy'] if os.path.exists(final) else None
+    info.append({'dir': path, 'test_accuracy': acc})
+  return tuple(fns), info
+
+
+def _is_combiner(spec: str) -> bool:
+  return parse_spec(spec)[0] == 'lr_combiner'
+
+
+def _flag_stats(state, s_clean, s_adv, success, clean_correct) -> dict | None:
+  """At a defense's own operating point (state['flag_threshold'], e.g. MRR's SP): flag rates.
+
+  defense_success = share of the images M classifies correctly when clean on which the attack
+  fails or is flagged (seed 002's measure).
+  """
+  if 'flag_threshold' not in state:
+    return None
+  t = float(state['flag_threshold'])
+  flagged = np.asarray(s_adv) > t
+  ok = np.asarray(clean_correct, bool)
+  return {'clean_flag_rate': metrics.rate_above(s_clean, t),
+          'adv_flag_rate': metrics.rate_above(np.asarray(s_adv)[success], t),
+          'defense_success': float(np.mean((~success | flagged)[ok])) if ok.any() else float('nan')}
+
+
+def _fitted_state(workdir, cs_name, name, fit_fn):
+  """Fits (or reloads) a defense state, saved so that a rerun of the evaluation resumes."""
+  state_path = os.path.join(workdir, 'states', f'{cs_name}_{_safe(name)}.npz')
+  if os.path.exists(state_path):
+    return defenses_lib.load_state(state_path)
+  t0 = time.time()
+  state = fit_fn()
+  os.makedirs(os.path.dirname(state_path), exist_ok=True)
+  defenses_lib.save_state(state_path, state)
+  print(f'  fitted {name} in {time.time() - t0:.1f}s')
+  return state
+
+
 def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict:
   """All numbers of one class set: see the module docstring."""
   root = jax.random.key(config.seed)
@@ -95,24 +171,39 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
   v = parts_lib.parts_matrix(classes)   # errors if a class has no row in the table
   val = data_lib.load_from_config(data_cfg, 'validation', data_dir=config.data_dir)
   train = data_lib.load_from_config(data_cfg, 'train', data_dir=config.data_dir)
+  # Held-out adversarial split for the LR combiner: attacks on the FIRST validation images; the
+  # thresholds of every detector are then set on the remaining validation images only, so nothing
+  # the combiner was fitted on is ever scored.
+  holdout_index, holdout, holdout_adv = None, None, {}
+  if cs.get('holdout_attacks_dir', ''):
+    holdout_index, holdout, holdout_adv = load_attack_results(
+        cs.holdout_attacks_dir, m_fp, val, 'M', split='validation')
+    val = val.take(slice(holdout_index['n'], None))
+    if len(val) < 20:
+      raise ValueError(f'Only {len(val)} validation images are left for thresholds after the '
+                       f'{holdout_index["n"]} attacked for the combiner; attack fewer.')
   if config.max_validation:
     val = val.take(slice(0, config.max_validation))
   if config.max_fit:
     rng = np.random.default_rng(config.seed)
     train = train.take(np.sort(rng.permutation(len(train))[:config.max_fit]))
 
+  defender_fns, defender_info = load_defenders(cs.get('mrr_dir', ''), m_spec)
   ctx = defenses_lib.Context(
       logits_fn=functional.logits_fn(m_model), features_fn=functional.features_fn(m_model),
       mc_logits_fn=functional.mc_logits_fn(m_model), head_fn=functional.head_fn(m_model),
-      parts_fn=parts_fn, parts_matrix=jnp.asarray(v), num_classes=len(classes), class_names=classes)
+      parts_fn=parts_fn, parts_matrix=jnp.asarray(v), num_classes=len(classes), class_names=classes,
+      defenders=defender_fns)
   x_test, y_test = pipeline.to_float(test.arrays['image']), test.arrays['label']
   x_val = pipeline.to_float(val.arrays['image'])
   out = {'classes': list(classes), 'parts': parts_lib.overlap(classes)[0],
          'overlap': parts_lib.overlap(classes)[1], 'n_test': len(test), 'n_validation': len(val),
          'n_fit': len(train), 'model_fingerprint': m_fp, 'attacks': {}, 'clean': {},
-         'sanity': index.get('sanity', [])}
+         'sanity': index.get('sanity', []), 'flags_clean': {}, 'mrr_defenders': defender_info,
+         'n_combiner_holdout': holdout_index['n'] if holdout_index else 0}
   clean_pred = next(iter(adv.values()))['clean_pred'] if adv else None
   out['clean']['None'] = _accuracy(clean_pred, y_test)
+  clean_correct = np.asarray(clean_pred) == np.asarray(y_test)
 
   # AT column: the adversarially trained M under attacks computed against itself.
   at_results = {}
@@ -130,35 +221,40 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
   out['k_clean_presence'] = part_extraction.presence_prf(ex_clean, test.arrays['parts']) \
       if 'parts' in test.arrays else None
 
+  fit_data = {'image': pipeline.to_float(train.arrays['image']), 'label': train.arrays['label']}
   det_states = {}
-  for spec in config.defenses:
-    name = spec
-    d = defenses_lib.make(spec)
-    state_path = os.path.join(workdir, 'states', f'{cs_name}_{_safe(name)}.npz')
-    if os.path.exists(state_path):
-      state = defenses_lib.load_state(state_path)
-    else:
-      t0 = time.time()
-      state = d.fit(ctx, {'image': pipeline.to_float(train.arrays['image']), 'label': train.arrays['label']},
-                    _key_for(root, cs_name, name, 'fit'))
-      os.makedirs(os.path.dirname(state_path), exist_ok=True)
-      defenses_lib.save_state(state_path, state)
-      print(f'  fitted {name} on {len(train)} clean training images in {time.time() - t0:.1f}s')
+  for name in config.defenses:
+    d = defenses_lib.make(name)
+    if _is_combiner(name) and holdout_index is None:
+      raise ValueError(f'{name} needs held-out adversarial examples: give the class set a '
+                       'holdout_attacks_dir (attack.py --config.split=validation).')
+    state = _fitted_state(workdir, cs_name, name,
+                          lambda: d.fit(ctx, fit_data, _key_for(root, cs_name, name, 'fit')))
     det_states[name] = (d, state)
 
   clean_scores, val_scores = {}, {}
   for name, (d, state) in det_states.items():
+    if _is_combiner(name):
+      # Member scores once per image set; one LR per attack is applied to them below.
+      feats = lambda x, tag, state=state, name=name: combiner.member_scores(
+          state, ctx, x, _key_for(root, cs_name, name, tag))
+      val_scores[name], clean_scores[name] = feats(x_val, 'val'), feats(x_test, 'clean')
+      continue
     val_scores[name] = np.asarray(d.score(state, ctx, x_val, _key_for(root, cs_name, name, 'val')))
     clean_scores[name] = np.asarray(d.score(state, ctx, x_test, _key_for(root, cs_name, name, 'clean')))
     if d.predict is not None:
       out['clean'][name] = _accuracy(d.predict(state, ctx, x_test, _key_for(root, cs_name, name, 'cpred')), y_test)
+    if 'flag_threshold' in state:
+      out['flags_clean'][name] = {
+          'validation': metrics.rate_above(val_scores[name], float(state['flag_threshold'])),
+          'test': metrics.rate_above(clean_scores[name], float(state['flag_threshold']))}
 
   for label, r in adv.items():
     row = index['attacks'][label]
     succ = r['success'].astype(bool)
     a = {'spec': row['spec'], 'norm': row['norm'], 'eps': row['eps'], 'success_rate': row['success_rate'],
          'n_success': int(succ.sum()), 'accuracy': {'None': _accuracy(r['adv_pred'], y_test)},
-         'detection': {}, 'roc': {}}
+         'detection': {}, 'roc': {}, 'flags': {}}
     if label in at_results:
       a['accuracy']['AT'] = _accuracy(at_results[label]['adv_pred'], at_results[label]['label'])
     ex_adv = _batched(parts_fn, r['x_adv'], config.batch_size)
@@ -166,15 +262,53 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
       a['k_presence_f1_adv'] = part_extraction.presence_prf(ex_adv, test.arrays['parts'])['f1']
       a['k_presence_f1_clean'] = out['k_clean_presence']['f1']
     for name, (d, state) in det_states.items():
-      s_adv = np.asarray(d.score(state, ctx, r['x_adv'], _key_for(root, cs_name, name, label)))
+      if _is_combiner(name):
+        scores = _combiner_scores(name, state, ctx, label, holdout, holdout_adv, r['x_adv'],
+                                  x_val, x_test, val_scores[name], clean_scores[name], root,
+                                  cs_name, workdir)
+        if scores is None:
+          continue
+        s_val, s_clean, s_adv = scores
+      else:
+        s_val, s_clean = val_scores[name], clean_scores[name]
+        s_adv = np.asarray(d.score(state, ctx, r['x_adv'], _key_for(root, cs_name, name, label)))
       if d.predict is not None:
         a['accuracy'][name] = _accuracy(d.predict(state, ctx, r['x_adv'], _key_for(root, cs_name, name, label, 'p')),
                                         y_test)
+      flags = _flag_stats(state, s_clean, s_adv, succ, clean_correct)
+      if flags is not None:
+        a['flags'][name] = flags
       if succ.sum() >= 2:
-        a['detection'][name] = metrics.detection_report(val_scores[name], clean_scores[name][succ], s_adv[succ])
-        a['roc'][name] = {'neg': clean_scores[name][succ].tolist(), 'pos': s_adv[succ].tolist()}
+        a['detection'][name] = metrics.detection_report(s_val, s_clean[succ], s_adv[succ])
+        a['roc'][name] = {'neg': s_clean[succ].tolist(), 'pos': s_adv[succ].tolist()}
     out['attacks'][label] = a
   return out
+
+
+def _combiner_scores(name, state, ctx, label, holdout, holdout_adv, x_adv, x_val, x_test,
+                     feats_val, feats_clean, root, cs_name, workdir):
+  """(val, clean test, adversarial test) scores of the LR combiner fitted for attack `label`.
+
+  The LR is fitted (seed 004 / Feinman et al.: one per attack) on the held-out validation images
+  this attack succeeded on: their clean versions and Gaussian-noisy copies with the attack's
+  per-image RMS perturbation as negatives, the adversarial versions as positives. None if the
+  held-out split has no such attack or fewer than 2 successes.
+  """
+  h = holdout_adv.get(label)
+  if h is None:
+    return None
+  ok = h['success'].astype(bool)
+  if ok.sum() < 2:
+    return None
+  x_h = pipeline.to_float(holdout.arrays['image'])[ok]
+  fitted = _fitted_state(
+      workdir, cs_name, f'{name}_{label}',
+      lambda: combiner.fit_combiner(state, ctx, x_h, h['x_adv'][ok],
+                                    combiner.matched_noise_std(x_h, h['x_adv'][ok]),
+                                    _key_for(root, cs_name, name, label, 'lr')))
+  combiner.assert_disjoint(fitted, x_val, x_test, x_adv)   # never score what the LR was fitted on
+  feats_adv = combiner.member_scores(fitted, ctx, x_adv, _key_for(root, cs_name, name, label))
+  return tuple(combiner.lr_decision(fitted, f) for f in (feats_val, feats_clean, feats_adv))
 
 
 def _safe(name: str) -> str:

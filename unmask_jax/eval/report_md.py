@@ -9,10 +9,21 @@ import numpy as np
 from unmask_jax.eval import report
 
 _NAMES = {'None': 'None', 'AT': 'AT', 'unmask': 'UM'}
+_METRICS = {'mutual_information': 'MI', 'entropy': 'H', 'variance': 'Var', 'confidence': 'Conf'}
 
 
 def _short(name: str) -> str:
-  return _NAMES.get(name, name)
+  """A column-sized name: UM, MC-MI, LR, mrr(n=4, sp=5), DP(fixed) ..."""
+  if name in _NAMES:
+    return _NAMES[name]
+  if name.startswith('mc_dropout'):
+    metric = next((v for k, v in _METRICS.items() if k in name), 'H')
+    return f'MC-{metric}'
+  if name.startswith('lr_combiner'):
+    return 'LR' if name == 'lr_combiner' else 'LR*'   # LR* = non-default members
+  if name.startswith('deep_protection'):
+    return name.replace('deep_protection', 'DP')
+  return name
 
 
 def roc_plots(results: dict, workdir: str) -> dict[str, str]:
@@ -27,8 +38,12 @@ def roc_plots(results: dict, workdir: str) -> dict[str, str]:
                 if any(d in a['roc'] for a in cs['attacks'].values())]
     if not defenses:
       continue
-    fig, axes = plt.subplots(1, len(defenses), figsize=(4.6 * len(defenses), 4.4), squeeze=False)
-    for ax, d in zip(axes[0], defenses):
+    ncols = min(4, len(defenses))
+    nrows = -(-len(defenses) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(defenses):]:
+      ax.axis('off')
+    for ax, d in zip(axes.ravel(), defenses):
       for label, a in cs['attacks'].items():
         if d not in a['roc']:
           continue
@@ -37,7 +52,7 @@ def roc_plots(results: dict, workdir: str) -> dict[str, str]:
         ax.plot(fpr, tpr, label=f'{label} ({a["detection"][d]["auc"]:.3f})')
       ax.plot([0, 1], [0, 1], 'k:', lw=0.8)
       ax.set(xlabel='false positive rate', ylabel='true positive rate',
-             title=f'{cs_name.upper()} ({cs["overlap"]:.1%} overlap): {d}')
+             title=f'{cs_name.upper()} ({cs["overlap"]:.1%} overlap): {_short(d)}')
       ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
     path = os.path.join(workdir, f'roc_{cs_name}.png')
@@ -85,12 +100,55 @@ def detection_rows(results: dict) -> tuple[list[dict], list[str]]:
   for cs_name, cs in results['class_sets'].items():
     for label, a in cs['attacks'].items():
       for d, r in a['detection'].items():
-        rows.append({'class set': cs_name.upper(), 'attack': label, 'detector': d, 'AUC': r['auc'],
+        rows.append({'class set': cs_name.upper(), 'attack': label, 'detector': _short(d), 'AUC': r['auc'],
                      'TPR@5%FPR': r['tpr@5%fpr'], 'test FPR (5%)': r['test_fpr@5%'],
                      'TPR@1%FPR': r['tpr@1%fpr'], 'test FPR (1%)': r['test_fpr@1%'],
                      'n pos/neg': f'{r["n_pos"]}/{r["n_neg"]}'})
   return rows, ['class set', 'attack', 'detector', 'AUC', 'TPR@5%FPR', 'test FPR (5%)', 'TPR@1%FPR',
                 'test FPR (1%)', 'n pos/neg']
+
+
+def auc_rows(results: dict) -> tuple[list[dict], list[str]]:
+  """Detection AUC per (class set, attack) x detector: the compact view of the detection table."""
+  dets = list(results['defenses'])
+  rows = []
+  for cs_name, cs in results['class_sets'].items():
+    for label, a in cs['attacks'].items():
+      row = {'class set': cs_name.upper(), 'attack': label, 'success': a['success_rate']}
+      row.update({_short(d): a['detection'][d]['auc'] for d in dets if d in a['detection']})
+      rows.append(row)
+  return rows, ['class set', 'attack', 'success'] + [_short(d) for d in dets]
+
+
+def flag_rows(results: dict) -> list[dict]:
+  """Defenses with their own operating point (MRR's SP): flag rates and defense success.
+
+  Means over the attacks that are not FGSM references; 'clean flagged' is the false-positive cost
+  on clean test images at that operating point.
+  """
+  rows = []
+  for cs_name, cs in results['class_sets'].items():
+    for d, fc in cs.get('flags_clean', {}).items():
+      per = [a['flags'][d] for l, a in cs['attacks'].items() if d in a.get('flags', {})
+             and not l.startswith('FGSM')]
+      aucs = [a['detection'][d]['auc'] for l, a in cs['attacks'].items()
+              if d in a['detection'] and not l.startswith('FGSM')]
+      if not per:
+        continue
+      rows.append({'class set': cs_name.upper(), 'defense': d,
+                   'clean flagged (val)': fc['validation'], 'clean flagged (test)': fc['test'],
+                   'adv flagged': float(np.mean([p['adv_flag_rate'] for p in per])),
+                   'defense success': float(np.mean([p['defense_success'] for p in per])),
+                   'no defense': float(np.mean([1 - a['success_rate'] for l, a in cs['attacks'].items()
+                                                if not l.startswith('FGSM')])),
+                   'mean AUC': float(np.mean(aucs)) if aucs else float('nan')})
+  return rows
+
+
+def _mean_auc(cs: dict, detector: str, select=lambda label, a: True) -> float | None:
+  v = [a['detection'][detector]['auc'] for l, a in cs['attacks'].items()
+       if detector in a['detection'] and select(l, a)]
+  return float(np.mean(v)) if v else None
 
 
 def k_rows(results: dict) -> list[dict]:
@@ -136,6 +194,46 @@ def findings(results: dict) -> list[str]:
     verdict = 'reproduces' if kd < md else 'does NOT reproduce'
     out.append(f'Under attack, K\'s part-presence F1 drops by {kd:.3f} on average while M\'s accuracy drops '
                f'by {md:.3f} -> "K degrades far less than M" {verdict}.')
+  out += _seed_findings(results)
+  return out
+
+
+def _seed_findings(results: dict) -> list[str]:
+  """Seed 002 (MRR: more defenders -> more detection, more false positives) and seed 004 (the
+  LR combination >= its best member) on SynthParts, measured."""
+  out = []
+  flags = {(r['class set'], r['defense']): r for r in flag_rows(results)}
+  for cs_name in results['class_sets']:
+    c = cs_name.upper()
+    mrr = sorted(((int(d.split('n=')[1].split(')')[0].split(',')[0]), d) for (cc, d) in flags
+                  if cc == c and d.startswith('mrr(') and 'sp=' not in d))
+    if len(mrr) >= 2:
+      lo, hi = flags[(c, mrr[0][1])], flags[(c, mrr[-1][1])]
+      rises = hi['defense success'] > lo['defense success']
+      out.append(f'{c} MRR (SP 1%): N={mrr[0][0]} -> N={mrr[-1][0]} defenders: defense success '
+                 f'{lo["defense success"]:.3f} -> {hi["defense success"]:.3f}, clean test flagged '
+                 f'{lo["clean flagged (test)"]:.3f} -> {hi["clean flagged (test)"]:.3f} -> "defense '
+                 f'success rises with N, at a false-positive cost" '
+                 f'{"reproduces" if rises else "does NOT reproduce"}.')
+    cs = results['class_sets'][cs_name]
+    combs = [d for d in results['defenses'] if d.startswith('lr_combiner')]
+    if combs:
+      from unmask_jax.defenses import combiner
+      from unmask_jax.registry import parse_spec
+      members = parse_spec(combs[0])[1].get('members', combiner.DEFAULT_MEMBERS)
+      member_names = {parse_spec(m)[0] for m in members}
+      singles = [d for d in results['defenses'] if parse_spec(d)[0] in member_names]
+      wins = total = 0
+      for a in cs['attacks'].values():
+        if combs[0] in a['detection'] and any(d in a['detection'] for d in singles):
+          best = max(a['detection'][d]['auc'] for d in singles if d in a['detection'])
+          total += 1
+          wins += a['detection'][combs[0]]['auc'] >= best - 0.01
+      if total:
+        out.append(f'{c} LR combiner: AUC within 0.01 of or above the best single member shown '
+                   f'here ({", ".join(_short(d) for d in singles)}) on {wins}/{total} attacks -> '
+                   f'"the combination is at least as good as the best single metric" '
+                   f'{"reproduces" if wins == total else "does NOT reproduce everywhere"}.')
   return out
 
 
@@ -151,11 +249,30 @@ def write_report(results: dict, plots: dict, workdir: str) -> str:
            'None = undefended M on attacks against M; AT = adversarially trained M on attacks against '
            'itself; other columns = defenses protecting M on the attacks against M.', '',
            report.table(acc, acc_cols, markdown=True), '',
-           '## Detection (contamination 0.5)', '',
-           report.table(det, det_cols, markdown=True) if det else
-           '_No attack succeeded on at least 2 correctly classified images: nothing to detect._', '']
+           '## Detection (contamination 0.5): ROC AUC', '',
+           'UM = UnMask, MC-* = MC-dropout metric, LR = logistic-regression combiner (fitted per attack '
+           'on attacks of held-out validation images, never on the scored images), mrr(n, sp) = MRR '
+           'with n defenders.', '']
+  aucs, auc_cols = auc_rows(results)
+  lines += [report.table(aucs, auc_cols, markdown=True) if det else
+            '_No attack succeeded on at least 2 correctly classified images: nothing to detect._', '']
   for cs_name, path in plots.items():
     lines += [f'![ROC {cs_name}]({os.path.basename(path)})', '']
+  fl = flag_rows(results)
+  if fl:
+    lines += ['## MRR at its security parameter (seed 002)', '',
+              'Each defender flags an input when its distance to the victim-predicted class centre '
+              'exceeds the (100 - SP) percentile of clean training distances; N defenders flag if any '
+              'flags. Means over the paper vectors. Defense success = share of correctly classified '
+              'images on which the attack fails or is flagged; "no defense" = share on which it fails.', '',
+              report.table(fl, list(fl[0]), markdown=True), '']
+    for cs_name, cs in results['class_sets'].items():
+      for d in cs.get('mrr_defenders', []):
+        lines.append(f'- {cs_name.upper()} defender {d["dir"]}: clean test accuracy of its own head '
+                     f'{d["test_accuracy"]:.3f}')
+    lines.append('')
+  lines += ['## Detection details: TPR at thresholds set on clean validation', '',
+            report.table(det, det_cols, markdown=True) if det else '', '']
   ks = k_rows(results)
   if ks:
     lines += ['## Part extraction K under attack (why UnMask works, gray-box)', '',

@@ -5,6 +5,7 @@
   cnn_mnist          the MNIST CNN of Feinman et al. (fixed input size, `image_size`)
   cnn_small          a small conv-BN-ReLU CNN that trains in minutes on a CPU
   unet               U-Net part segmenter K: per-pixel logits over NUM_PARTS + 1 classes
+  mrr_defender       an MRR defender: a victim architecture's trunk, L2-normalised features, centres
 
 Classifiers share one interface (`features`, `head`, `__call__`, each with an optional
 `dropout_key`; see `models.base`); `models.functional` turns a model into the pure functions that
@@ -28,6 +29,7 @@ MODELS = Registry('model', {
     'cnn_mnist': 'unmask_jax.models.cnn:cnn_mnist',
     'cnn_small': 'unmask_jax.models.cnn:cnn_small',
     'unet': 'unmask_jax.models.unet:unet',
+    'mrr_defender': 'unmask_jax.models.defender:mrr_defender',
 })
 
 _RESERVED = ('num_classes', 'in_channels', 'rngs')

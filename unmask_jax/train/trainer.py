@@ -3,6 +3,8 @@
 * `config.task == 'classifier'`: M, cross-entropy on labels; best checkpoint by validation accuracy.
   With `config.adv_training.enabled`, every batch is replaced by PGD-L∞ examples made on the fly
   against the current weights (Madry et al. 2018) — the paper's adversarial-training baseline.
+  With `config.center_loss_weight` > 0 (an `mrr_defender` model), cross-entropy + that weight x
+  center loss: the MRR defenders of seed 002.
 * `config.task == 'segmenter'`: K, per-pixel cross-entropy over background + parts; best by
   validation mean IoU; then the part-extraction thresholds are chosen on validation and saved.
 
@@ -80,11 +82,19 @@ def _masked_mean(x, valid):
   return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def _loss(task, model, x, batch, key):
+def _loss(task, model, x, batch, key, center_weight: float = 0.0):
   # Classifiers take a dropout key; the segmenter K has no dropout.
-  logits = model(x, dropout_key=key) if task == 'classifier' else model(x)
+  if task == 'classifier' and center_weight:
+    # MRR defender (seed 002): CE + lambda * center loss on the L2-normalised features.
+    k_features, k_head = jax.random.split(key)
+    feats = model.features(x, dropout_key=k_features)
+    logits = model.head(feats, dropout_key=k_head)
+  else:
+    logits = model(x, dropout_key=key) if task == 'classifier' else model(x)
   if task == 'classifier':
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    if center_weight:
+      ce = ce + center_weight * model.center_loss(feats, batch['label'])
     acc = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   else:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['mask'].astype(jnp.int32)).mean((1, 2))
@@ -92,8 +102,12 @@ def _loss(task, model, x, batch, key):
   return _masked_mean(ce, batch['valid']), _masked_mean(acc, batch['valid'])
 
 
-def make_steps(task: str, graphdef, adv_cfg=None):
-  """Returns jitted (train_step, eval_step) over the pure state of (model, optimizer)."""
+def make_steps(task: str, graphdef, adv_cfg=None, center_weight: float = 0.0):
+  """Returns jitted (train_step, eval_step) over the pure state of (model, optimizer).
+
+  `center_weight` > 0 adds that multiple of the model's `center_loss(features, labels)` to the
+  cross-entropy (MRR defenders, `models.defender`).
+  """
 
   def adversarial(model, x, y, key):
     from unmask_jax import attacks
@@ -118,7 +132,7 @@ def make_steps(task: str, graphdef, adv_cfg=None):
       x = adversarial(model, x, batch['label'], adv_key)
 
     def loss_fn(m):
-      return _loss(task, m, x, batch, drop_key)
+      return _loss(task, m, x, batch, drop_key, center_weight)
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     opt.update(model, grads)
     return nnx.state((model, opt)), {'loss': loss, 'accuracy': acc}
@@ -185,7 +199,7 @@ def model_spec(config, splits) -> dict:
   spec = {
       'task': task,
       'model': config.model.name,
-      'model_kwargs': dict(config.model.get('kwargs', {})),
+      'model_kwargs': dict(config.model.to_dict().get('kwargs', {})),
       'num_classes': num_outputs,
       'in_channels': int(train.image_shape[-1]),
       'image_shape': list(train.image_shape),
@@ -241,7 +255,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.device_put(state, replicated)
 
   adv_cfg = config.get('adv_training', None)
-  train_step, eval_logits = make_steps(task, graphdef, adv_cfg)
+  center_weight = float(config.get('center_loss_weight', 0.0))
+  if center_weight and not hasattr(model, 'center_loss'):
+    raise ValueError(f'center_loss_weight={center_weight} needs a model with class centres '
+                     f"(model.name='mrr_defender'), got {spec['model']!r}")
+  train_step, eval_logits = make_steps(task, graphdef, adv_cfg, center_weight)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   _truncate_metrics(metrics_path, start_epoch)
   best_key = 'accuracy' if task == 'classifier' else 'mean_iou'
