@@ -223,7 +223,10 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
 
   fit_data = {'image': pipeline.to_float(train.arrays['image']), 'label': train.arrays['label']}
   det_states = {}
+  # Wall seconds per defense (fit when not cached, then scoring/prediction): its cost in the report.
+  cost = out['defense_seconds'] = {name: 0.0 for name in config.defenses}
   for name in config.defenses:
+    t0 = time.perf_counter()
     d = defenses_lib.make(name)
     if _is_combiner(name) and holdout_index is None:
       raise ValueError(f'{name} needs held-out adversarial examples: give the class set a '
@@ -231,14 +234,17 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
     state = _fitted_state(workdir, cs_name, name,
                           lambda: d.fit(ctx, fit_data, _key_for(root, cs_name, name, 'fit')))
     det_states[name] = (d, state)
+    cost[name] += time.perf_counter() - t0
 
   clean_scores, val_scores = {}, {}
   for name, (d, state) in det_states.items():
+    t0 = time.perf_counter()
     if _is_combiner(name):
       # Member scores once per image set; one LR per attack is applied to them below.
       feats = lambda x, tag, state=state, name=name: combiner.member_scores(
           state, ctx, x, _key_for(root, cs_name, name, tag))
       val_scores[name], clean_scores[name] = feats(x_val, 'val'), feats(x_test, 'clean')
+      cost[name] += time.perf_counter() - t0
       continue
     val_scores[name] = np.asarray(d.score(state, ctx, x_val, _key_for(root, cs_name, name, 'val')))
     clean_scores[name] = np.asarray(d.score(state, ctx, x_test, _key_for(root, cs_name, name, 'clean')))
@@ -248,6 +254,7 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
       out['flags_clean'][name] = {
           'validation': metrics.rate_above(val_scores[name], float(state['flag_threshold'])),
           'test': metrics.rate_above(clean_scores[name], float(state['flag_threshold']))}
+    cost[name] += time.perf_counter() - t0
 
   for label, r in adv.items():
     row = index['attacks'][label]
@@ -262,6 +269,7 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
       a['k_presence_f1_adv'] = part_extraction.presence_prf(ex_adv, test.arrays['parts'])['f1']
       a['k_presence_f1_clean'] = out['k_clean_presence']['f1']
     for name, (d, state) in det_states.items():
+      t0 = time.perf_counter()
       if _is_combiner(name):
         scores = _combiner_scores(name, state, ctx, label, holdout, holdout_adv, r['x_adv'],
                                   x_val, x_test, val_scores[name], clean_scores[name], root,
@@ -281,7 +289,9 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
       if succ.sum() >= 2:
         a['detection'][name] = metrics.detection_report(s_val, s_clean[succ], s_adv[succ])
         a['roc'][name] = {'neg': s_clean[succ].tolist(), 'pos': s_adv[succ].tolist()}
+      cost[name] += time.perf_counter() - t0
     out['attacks'][label] = a
+  out['defense_seconds'] = {k: round(v, 2) for k, v in cost.items()}
   return out
 
 

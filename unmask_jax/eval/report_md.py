@@ -271,6 +271,12 @@ def write_report(results: dict, plots: dict, workdir: str) -> str:
         lines.append(f'- {cs_name.upper()} defender {d["dir"]}: clean test accuracy of its own head '
                      f'{d["test_accuracy"]:.3f}')
     lines.append('')
+  cost_rows = [{'class set': c.upper(), **{_short(d): v for d, v in cs['defense_seconds'].items()}}
+               for c, cs in results['class_sets'].items() if cs.get('defense_seconds')]
+  if cost_rows:
+    lines += ['## Cost of each defense (wall seconds in this evaluation: fit unless cached, then '
+              'scoring every validation, test and attacked image)', '',
+              report.table(cost_rows, list(cost_rows[0]), markdown=True), '']
   lines += ['## Detection details: TPR at thresholds set on clean validation', '',
             report.table(det, det_cols, markdown=True) if det else '', '']
   ks = k_rows(results)
