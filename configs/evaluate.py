@@ -34,4 +34,5 @@ def get_config():
   c.max_fit = 2000         # clean training images the defenses are fitted on
   c.batch_size = 128
   c.seed = 0
+  c.extra_sections = ()    # markdown files appended to report.md (the main job adds the digits study)
   return c

@@ -9,7 +9,7 @@ Expect (2-core CPU): see README "Results" for the measured wall time and numbers
 """
 import ml_collections
 
-from configs import attack, evaluate, mrr_defender, synthparts_k, synthparts_m
+from configs import attack, digits_study, evaluate, mrr_defender, synthparts_k, synthparts_m
 
 
 def get_config():
@@ -30,4 +30,6 @@ def get_config():
   # Validation images attacked to fit the LR combiner (held out: thresholds use the others).
   c.combiner_holdout = 150
   c.evaluate = evaluate.get_config()
+  # Seed 004's study on the embedded digits (its own data and model; appended to the report).
+  c.digits = digits_study.get_config()
   return c

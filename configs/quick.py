@@ -2,7 +2,7 @@
 
   python3 main.py --config=configs/quick.py --workdir=runs/quick
 """
-from configs import main
+from configs import digits_study, main
 
 
 def get_config():
@@ -25,6 +25,7 @@ def get_config():
   c.attack.attacks = ('FGSM-Linf-8=fgsm(eps=8/255)', 'PGD-Linf-8=pgd_linf(eps=8/255, steps=3)',
                       'PGD-L2-600=pgd_l2(eps=0.5, steps=3)')
   c.attack.batch_size = 32
+  c.digits = digits_study.tiny()
   c.evaluate.max_fit = 64
   c.evaluate.defenses = ('unmask', 'mc_dropout(metric="mutual_information", T=8)', 'kde', 'kl',
                          'lr_combiner(members=("mc_dropout(T=8)", "kde", "kl"))', 'mrr(n=1)',

@@ -28,7 +28,7 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
   text = open(report).read()
   for section in ('## Findings', '## Accuracy (Table IV form', '## Detection (contamination 0.5)',
                   '## MRR at its security parameter', '## Part extraction K under attack',
-                  '## Sanity checks of the attacks'):
+                  '## Sanity checks of the attacks', '## Digits: seed 004 study'):
     assert section in text
   for cs in ('cs3a', 'cs3b'):
     assert f'![ROC {cs}](roc_{cs}.png)' in text

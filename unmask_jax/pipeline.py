@@ -156,6 +156,19 @@ def run_main(config, workdir: str) -> str:
   report_path = os.path.join(eval_dir, 'report.md')
   inputs = [os.path.join(d[k], attack_runner.INDEX) for d in eval_sets.values()
             for k in ('attacks_dir', 'at_attacks_dir', 'holdout_attacks_dir') if d.get(k)]
+  if config.get('digits', None) is not None:
+    # Seed 004's study on the embedded digits; its section is appended to the main report.
+    from unmask_jax.eval import digits_study
+    result = stage('digits study', lambda: digits_study.run_digits_study(
+        config.digits, os.path.join(workdir, 'digits')))
+    section = os.path.join(eval_dir, 'digits_section.md')
+    text = digits_study.report_section(result, relative_to=eval_dir)
+    os.makedirs(eval_dir, exist_ok=True)
+    if not os.path.exists(section) or open(section).read() != text:
+      with open(section, 'w') as f:
+        f.write(text)
+    e_cfg.extra_sections = (section,)
+    inputs.append(section)
   # Re-evaluate when an attack result is newer than the report or the evaluation config changed.
   stamp_path = os.path.join(eval_dir, 'config.json')
   stamp = json.loads(e_cfg.to_json(sort_keys=True))

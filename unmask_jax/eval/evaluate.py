@@ -352,7 +352,7 @@ def evaluate(config, workdir: str) -> dict:
   results['seconds'] = round(time.time() - t0, 1)
   plots = report_md.roc_plots(results, workdir)
   ckpt.write_json_atomic(os.path.join(workdir, 'results.json'), _strip_roc(results))
-  path = report_md.write_report(results, plots, workdir)
+  path = report_md.write_report(results, plots, workdir, tuple(config.get('extra_sections', ())))
   return {'report': path, 'results': results}
 
 

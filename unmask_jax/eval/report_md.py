@@ -237,7 +237,7 @@ def _seed_findings(results: dict) -> list[str]:
   return out
 
 
-def write_report(results: dict, plots: dict, workdir: str) -> str:
+def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) -> str:
   acc, acc_cols = accuracy_rows(results)
   det, det_cols = detection_rows(results)
   lines = ['# unmask-jax evaluation report', '',
@@ -292,6 +292,9 @@ def write_report(results: dict, plots: dict, workdir: str) -> str:
       for c in cs.get(key, []):
         lines.append(f'- {cs_name.upper()} {who}: [{"ok" if c["ok"] else "**WARNING**"}] {c["check"]}: {c["detail"]}')
   lines += ['', f'Evaluation took {results["seconds"]}s. Every number is in results.json.', '']
+  for extra in extra_sections:
+    with open(extra) as f:
+      lines += [f.read().rstrip(), '']
   path = os.path.join(workdir, 'report.md')
   with open(path + '.tmp', 'w') as f:
     f.write('\n'.join(lines))
