@@ -138,8 +138,7 @@ def _member_scores(state, ctx, x, key) -> np.ndarray:
 
 def lr_decision(state: dict, feats: np.ndarray) -> np.ndarray:
   """The fitted combiner's decision w . ((s - mu) / sigma) + b on precomputed member scores s."""
-  s = (np.asarray(feats, np.float64) - state['scaler_mean']) / state['scaler_scale']
-  return (s @ state['lr_coef'] + float(state['lr_intercept'])).astype(np.float32)
+  return combiner.lr_decision(state, feats)
 
 
 def combiner_fit_sets(config, entries, success: dict, pool: np.ndarray) -> dict[str, np.ndarray]:
