@@ -26,6 +26,8 @@ def get_config():
                       'PGD-L2-600=pgd_l2(eps=0.5, steps=3)')
   c.attack.batch_size = 32
   c.digits = digits_study.tiny()
+  c.evaluate.dip.update({'attacks': ('PGD-Linf-8',), 'n_images': 6, 'val_size': 6, 'max_iters': 50,
+                         'widths': (8, 16)})
   c.evaluate.max_fit = 64
   c.evaluate.defenses = ('unmask', 'mc_dropout(metric="mutual_information", T=8)', 'kde', 'kl',
                          'lr_combiner(members=("mc_dropout(T=8)", "kde", "kl"))', 'mrr(n=1)',

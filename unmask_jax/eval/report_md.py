@@ -21,6 +21,8 @@ def _short(name: str) -> str:
     return f'MC-{metric}'
   if name.startswith('lr_combiner'):
     return 'LR' if name == 'lr_combiner' else 'LR*'   # LR* = non-default members
+  if name == 'deep_protection':
+    return 'DP (subset)'
   if name.startswith('deep_protection'):
     return name.replace('deep_protection', 'DP')
   return name
@@ -247,7 +249,9 @@ def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) ->
            '## Findings', ''] + [f'- {f}' for f in findings(results)] + [
            '', '## Accuracy (Table IV form; contamination 1 = every test image attacked)', '',
            'None = undefended M on attacks against M; AT = adversarially trained M on attacks against '
-           'itself; other columns = defenses protecting M on the attacks against M.', '',
+           'itself; other columns = defenses protecting M on the attacks against M. "DP (subset)" = '
+           'Deep Protection with its validation-chosen fixed stop, on the first test images only '
+           '(see its section; its mean is over the attacks it was run on).', '',
            report.table(acc, acc_cols, markdown=True), '',
            '## Detection (contamination 0.5): ROC AUC', '',
            'UM = UnMask, MC-* = MC-dropout metric, LR = logistic-regression combiner (fitted per attack '
@@ -271,6 +275,11 @@ def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) ->
         lines.append(f'- {cs_name.upper()} defender {d["dir"]}: clean test accuracy of its own head '
                      f'{d["test_accuracy"]:.3f}')
     lines.append('')
+  for cs_name, cs in results['class_sets'].items():
+    if 'dip' in cs:
+      from unmask_jax.eval import dip_study
+      lines += [dip_study.report_section(cs['dip']).replace(
+          '## Deep Protection', f'## {cs_name.upper()}: Deep Protection', 1), '']
   cost_rows = [{'class set': c.upper(), **{_short(d): v for d, v in cs['defense_seconds'].items()}}
                for c, cs in results['class_sets'].items() if cs.get('defense_seconds')]
   if cost_rows:
