@@ -45,6 +45,10 @@ Stopping (`make(stop=...)`):
   `restore_with_oracle` stops each image at the first checkpoint where its TRUE class is in M's
     top-k (seed 003's "automatic termination", 97.4% top-5): it uses the label, so report it only as
     an upper bound, never as a defense result.
+Each rule is one function used both on-line (an `on_checkpoint` callback of `dip_restore`) and
+off-line on a `dip_trajectory` (every image run once to max_iters, M's logits and the MSE recorded
+at each checkpoint): a stop rule only picks which checkpoint's EMA output is kept, so one trajectory
+gives all three stops exactly (`unmask_jax.eval.dip_study` compares them that way).
 """
 from __future__ import annotations
 
@@ -323,6 +327,64 @@ def dip_restore(x, key: jax.Array, *, iters: int, cfg: DIPConfig = DIPConfig(),
   return {'restored': restored, 'stop_iter': stop_iter}
 
 
+def dip_trajectory(x, key: jax.Array, *, max_iters: int, cfg: DIPConfig = DIPConfig(),
+                   check_every: int = 50, chunk: int = 32,
+                   classify_fn: Optional[Callable] = None,
+                   keep_restored: bool = False) -> dict[str, np.ndarray]:
+  """Runs every image's DIP to `max_iters`, recording each checkpoint: all stop rules at once.
+
+  A stop rule only decides WHICH checkpoint's EMA output is kept: the EMA output at checkpoint k
+  does not depend on whether or when the image would have stopped (`dip_restore` keeps fitting a
+  stopped image with its batch and merely freezes its returned output). So one trajectory per image
+  gives the fixed, 'auto' and oracle stops exactly (`choose_fixed_iters`, `auto_stop_index`,
+  `oracle_stop_index`), at the cost of the longest of them. This is `dip_restore` itself with a
+  recording `on_checkpoint`, so the numbers are those of `dip_restore` with the same x, key, cfg,
+  check_every and chunk.
+
+  Args:
+    x, key, cfg, check_every, chunk: as `dip_restore`.
+    max_iters: iterations of every image; checkpoints are at check_every, 2 check_every, ...,
+      and max_iters.
+    classify_fn: optional `f(restored [B, H, W, C]) -> logits [B, num_classes]`, called at each
+      checkpoint with the whole (bucketed, fixed-size) batch, e.g. `classifier(ctx)`.
+    keep_restored: also return every checkpoint's EMA output (N * K images of memory).
+
+  Returns:
+    'checkpoints' [K] int32 iterations; 'mse' [N, K] float32 mean squared difference between the
+    EMA output and the input (what the 'auto' rule sees; the residual score is mse * H*W*C);
+    'logits' [N, K, num_classes] float32 (with classify_fn); 'restored' [N, H, W, C] at max_iters;
+    'restored_all' [N, K, H, W, C] (with keep_restored).
+  """
+  records = []  # (iteration, image rows, mse, logits or None, restored or None) per chunk
+
+  def on_checkpoint(it, restored, mse, rows):
+    ok = rows >= 0
+    logits = (np.asarray(classify_fn(restored), np.float32)[ok] if classify_fn is not None
+              else None)
+    records.append((it, rows[ok], np.asarray(mse, np.float32)[ok], logits,
+                    np.array(restored[ok]) if keep_restored else None))
+    return np.zeros(len(rows), bool)
+
+  out = dip_restore(x, key, iters=max_iters, cfg=cfg, check_every=check_every, chunk=chunk,
+                    on_checkpoint=on_checkpoint)
+  checkpoints = sorted({r[0] for r in records})
+  col = {it: k for k, it in enumerate(checkpoints)}
+  n, num_k = len(out['restored']), len(checkpoints)
+  result = {'checkpoints': np.asarray(checkpoints, np.int32),
+            'mse': np.full((n, num_k), np.nan, np.float32), 'restored': out['restored']}
+  if classify_fn is not None:
+    result['logits'] = np.zeros((n, num_k, records[0][3].shape[-1]), np.float32)
+  if keep_restored:
+    result['restored_all'] = np.zeros((n, num_k, *out['restored'].shape[1:]), np.float32)
+  for it, rows, mse, logits, restored in records:
+    result['mse'][rows, col[it]] = mse
+    if logits is not None:
+      result['logits'][rows, col[it]] = logits
+    if restored is not None:
+      result['restored_all'][rows, col[it]] = restored
+  return result
+
+
 def estimate_noise_std(x) -> np.ndarray:
   """Label-free per-image noise std (Immerkaer 1996), averaged over channels.
 
@@ -356,6 +418,97 @@ def _classify(ctx: base.Context, x) -> np.ndarray:
   return np.asarray(_logits(as_partial(ctx.logits_fn, 'logits_fn'), jnp.asarray(x)))
 
 
+def predict_classes(ctx: base.Context, x, chunk: int) -> np.ndarray:
+  """argmax of M's logits, in batches of `chunk` (the last one padded to a power-of-two bucket)."""
+  preds = []
+  for start in range(0, len(x), chunk):
+    part = np.asarray(x[start:start + chunk], np.float32)
+    b = _bucket(len(part), chunk)
+    padded = np.concatenate([part, np.repeat(part[:1], b - len(part), 0)])
+    preds.append(np.argmax(_classify(ctx, padded), axis=-1)[:len(part)])
+  return np.concatenate(preds).astype(np.int32)
+
+
+def classifier(ctx: base.Context) -> Callable:
+  """`restored -> M's logits` for `dip_trajectory`'s classify_fn."""
+  return functools.partial(_classify, ctx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop rules. Each is one function shared by the on-line form (an `on_checkpoint` callback of
+# `dip_restore`, used by the defense) and the off-line form (a checkpoint index per image from a
+# `dip_trajectory`, used by `unmask_jax.eval.dip_study`), so both make the same decisions.
+
+
+def auto_rule_fires(it: int, mse, prev_mse, sigma, *, auto_tol: float, min_iters: int):
+  """The 'auto' rule at one checkpoint, per image (see the module docstring).
+
+  Args:
+    it: iteration of the checkpoint.
+    mse: [B] EMA output's MSE to the input at this checkpoint.
+    prev_mse: [B] the same at the previous checkpoint (NaN at the first one).
+    sigma: [B] noise std per image.
+  Returns:
+    [B] bool: stop here (always False before `min_iters`).
+  """
+  m = np.asarray(mse, np.float64)
+  p = np.asarray(prev_mse, np.float64)
+  s = np.asarray(sigma, np.float64)
+  if it < min_iters:
+    return np.zeros(m.shape, bool)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    flat = (p > 0) & ((p - m) / np.where(p > 0, p, 1.0) < auto_tol)
+  return (m <= s * s) | flat
+
+
+def noise_sigma(x, noise_level: Optional[float]) -> np.ndarray:
+  """Per-image noise std for the 'auto' rule: `noise_level`, or estimated without labels."""
+  return (estimate_noise_std(x) if noise_level is None
+          else np.full(len(x), float(noise_level), np.float32))
+
+
+def _first_or_last(mask) -> np.ndarray:
+  """Index of the first True of each row of [N, K], or K - 1 (the cap) where none is."""
+  mask = np.asarray(mask, bool)
+  return np.where(mask.any(axis=1), np.argmax(mask, axis=1), mask.shape[1] - 1)
+
+
+def auto_stop_index(checkpoints, mse, sigma, *, auto_tol: float, min_iters: int) -> np.ndarray:
+  """[N] checkpoint index where the 'auto' rule stops each image of a `dip_trajectory`."""
+  mse = np.asarray(mse)
+  prev = np.concatenate([np.full((len(mse), 1), np.nan), mse[:, :-1]], axis=1)
+  fires = np.stack([auto_rule_fires(int(it), mse[:, k], prev[:, k], sigma, auto_tol=auto_tol,
+                                    min_iters=min_iters)
+                    for k, it in enumerate(checkpoints)], axis=1)
+  return _first_or_last(fires)
+
+
+def oracle_hit(logits, y_true, topk: int) -> np.ndarray:
+  """True class among the top-k logits (k capped at the number of classes).
+
+  logits [..., C]; y_true broadcastable to logits.shape[:-1].
+  """
+  logits = np.asarray(logits)
+  k = min(int(topk), logits.shape[-1])
+  top = np.argsort(-logits, axis=-1, kind='stable')[..., :k]
+  return np.any(top == np.asarray(y_true)[..., None], axis=-1)
+
+
+def oracle_stop_index(logits, y_true, topk: int) -> np.ndarray:
+  """[N] first checkpoint whose logits [N, K, C] have the true class in the top-k, else the last.
+
+  UPPER BOUND ONLY: it uses the true label.
+  """
+  return _first_or_last(oracle_hit(logits, np.asarray(y_true)[:, None], topk))
+
+
+def choose_fixed_iters(checkpoints, accuracy, tolerance: float) -> int:
+  """Index of the earliest checkpoint whose (clean validation) accuracy is within `tolerance` of
+  the best; see `make(iters=None)`."""
+  acc = np.asarray(accuracy, np.float64)
+  return int(np.flatnonzero(acc >= acc.max() - tolerance)[0])
+
+
 def restore_with_oracle(ctx: base.Context, x, y_true, key: jax.Array, *, topk: int = 5,
                         max_iters: int = 2000, check_every: int = 50, chunk: int = 32,
                         cfg: DIPConfig = DIPConfig()) -> dict[str, np.ndarray]:
@@ -377,10 +530,7 @@ def restore_with_oracle(ctx: base.Context, x, y_true, key: jax.Array, *, topk: i
 
   def on_checkpoint(it, restored, mse, rows):
     del it, mse
-    logits = _classify(ctx, restored)
-    k = min(topk, logits.shape[-1])
-    top = np.argsort(-logits, axis=-1)[:, :k]
-    hit = (rows >= 0) & np.any(top == y_true[np.maximum(rows, 0)][:, None], axis=-1)
+    hit = (rows >= 0) & oracle_hit(_classify(ctx, restored), y_true[np.maximum(rows, 0)], topk)
     success[rows[hit]] = True
     return hit
 
@@ -392,22 +542,16 @@ def restore_with_oracle(ctx: base.Context, x, y_true, key: jax.Array, *, topk: i
 
 def _auto_stop_rule(x, *, noise_level, auto_tol, min_iters):
   """The label-free 'auto' stop rule of the module docstring, as an `on_checkpoint` callback."""
-  sigma = (estimate_noise_std(x) if noise_level is None
-           else np.full(len(x), float(noise_level), np.float32))
-  prev = {}
+  sigma = noise_sigma(x, noise_level)
+  prev = np.full(len(x), np.nan, np.float32)  # last checkpoint's MSE per image
 
   def on_checkpoint(it, restored, mse, rows):
     del restored
-    stop = np.zeros(len(rows), bool)
-    for j, (r, m) in enumerate(zip(rows, mse)):
-      if r < 0:
-        continue
-      p = prev.get(int(r))
-      prev[int(r)] = float(m)
-      if it < min_iters:
-        continue
-      flat = p is not None and p > 0 and (p - m) / p < auto_tol
-      stop[j] = m <= sigma[r] ** 2 or flat
+    ok = rows >= 0
+    r = np.maximum(rows, 0)
+    stop = ok & auto_rule_fires(it, mse, prev[r], sigma[r], auto_tol=auto_tol,
+                                min_iters=min_iters)
+    prev[rows[ok]] = np.asarray(mse, np.float32)[ok]
     return stop
 
   return on_checkpoint
@@ -461,20 +605,11 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
     k_sel, k_dip = jax.random.split(key)
     idx = np.sort(np.asarray(jax.random.permutation(k_sel, len(x)))[:val_size])
     xv, yv = np.asarray(x)[idx], y[idx]
-    correct: dict[int, int] = {}  # checkpoint iteration -> correctly classified restorations
-
-    def on_checkpoint(it, restored, mse, rows):
-      del mse
-      pred = np.argmax(_classify(ctx, restored), axis=-1)
-      ok = rows >= 0
-      correct[it] = correct.get(it, 0) + int(np.sum(pred[ok] == yv[rows[ok]]))
-      return np.zeros(len(rows), bool)
-
-    dip_restore(xv, k_dip, iters=max_iters, cfg=cfg, check_every=check_every, chunk=chunk,
-                on_checkpoint=on_checkpoint)
-    checkpoints = sorted(correct)
-    acc = np.asarray([correct[it] for it in checkpoints], np.float64) / len(xv)
-    best = int(np.flatnonzero(acc >= acc.max() - fit_tolerance)[0])
+    traj = dip_trajectory(xv, k_dip, max_iters=max_iters, cfg=cfg, check_every=check_every,
+                          chunk=chunk, classify_fn=classifier(ctx))
+    checkpoints = traj['checkpoints']
+    acc = np.mean(np.argmax(traj['logits'], axis=-1) == yv[:, None], axis=0)
+    best = choose_fixed_iters(checkpoints, acc, fit_tolerance)
     state.update(iters=np.asarray(checkpoints[best], np.int32),
                  val_checkpoints=np.asarray(checkpoints, np.int32),
                  val_accuracy=acc.astype(np.float32))
@@ -507,14 +642,7 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
     return np.sum(np.square(np.asarray(x, np.float32) - restored), axis=(1, 2, 3))
 
   def predict(state, ctx, x, key):
-    restored = restore(state, ctx, x, key)['restored']
-    preds = []
-    for start in range(0, len(restored), chunk):
-      part = restored[start:start + chunk]
-      b = _bucket(len(part), chunk)
-      padded = np.concatenate([part, np.repeat(part[:1], b - len(part), 0)])
-      preds.append(np.argmax(_classify(ctx, padded), axis=-1)[:len(part)])
-    return np.concatenate(preds).astype(np.int32)
+    return predict_classes(ctx, restore(state, ctx, x, key)['restored'], chunk)
 
   return base.Defense(name=name, fit=fit, score=score, predict=predict)
 
