@@ -39,7 +39,7 @@ def get_config():
   # unmask_jax/eval/dip_study.py:default_config for every option). class_sets=() turns it off.
   c.dip = ml_collections.ConfigDict({
       'class_sets': ('cs3a',),
-      'attacks': ('FGSM-Linf-8', 'PGD-Linf-8', 'PGD-Linf-16', 'MIFGSM-Linf-16', 'PGD-L2-600'),
-      'n_images': 32, 'val_size': 32, 'max_iters': 300})
+      'attacks': ('PGD-Linf-8', 'PGD-Linf-16', 'MIFGSM-Linf-8', 'MIFGSM-Linf-16', 'PGD-L2-600'),
+      'n_images': 32, 'val_size': 32, 'max_iters': 250})
   c.extra_sections = ()    # markdown files appended to report.md (the main job adds the digits study)
   return c
