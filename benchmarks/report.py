@@ -1,0 +1,264 @@
+"""BENCHMARKS.md: the header, the main table, and the goal / profile sections, from the rows."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+
+from benchmarks import timing
+
+GOAL = 1.25  # PGD-20: ours >= 1.25x the PyTorch reference on the 2-core CPU
+
+SECTIONS = [
+    ('attacks', 'pgd', '1. PGD-20 L∞ / L2 vs PyTorch eager'),
+    ('attacks', 'other', '2. MI-FGSM, APGD, CW-L2, DeepFool vs PyTorch eager'),
+    ('detection', None, '3. Detection stage'),
+    ('k_dip', None, '4. K and DIP throughput'),
+    ('scaling', None, '5. Scaling over forced host devices'),
+    ('e2e', None, '6. End-to-end main job'),
+]
+
+
+def _versions() -> dict:
+  out = {}
+  for mod in ('jax', 'jaxlib', 'flax', 'torch', 'sklearn', 'numpy'):
+    try:
+      out[mod] = __import__(mod).__version__
+    except ImportError:
+      out[mod] = 'not installed'
+  return out
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _memory() -> str:
+  try:
+    with open('/proc/meminfo') as f:
+      kb = int(f.readline().split()[1])
+    return f'{kb / 2**20:.0f} GiB'
+  except (OSError, ValueError, IndexError):
+    return '?'
+
+
+def environment(command: str, settings: timing.Settings) -> dict:
+  return {
+      'command': command, 'started': timing.now(), 'device': timing.device_label(),
+      'cpu': f'{_cpu_model()}, {timing.cores()} cores, {_memory()} RAM',
+      'versions': _versions(), 'xla_flags': os.environ.get('XLA_FLAGS', '') or '(none)',
+      'load_start': timing.load_average(), 'smoke': settings.smoke, 'repeats': settings.repeats,
+  }
+
+
+def to_json(rows, meta) -> dict:
+  return {'meta': meta, 'rows': [dataclasses.asdict(r) for r in rows]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells.
+
+
+def _num(v: float) -> str:
+  if v >= 100:
+    return f'{v:,.0f}'
+  if v >= 10:
+    return f'{v:.1f}'
+  if v >= 0.1:
+    return f'{v:.2f}'
+  return f'{v:.3g}'
+
+
+def cell(t, row) -> str:
+  if t is None:
+    return '-'
+  if isinstance(t, str):
+    return t
+  if row.unit == 's':
+    cpu = f' (CPU {_num(t.cpu)} s)' if t.cpu == t.cpu and t.cpus else ''
+    return f'{_num(t.wall)} s{cpu}'
+  return f'{_num(row.work / t.wall)} {row.unit} ({_num(t.wall)} s, CPU {_num(t.cpu)} s)'
+
+
+def ratio_cell(row) -> str:
+  r = row.ratio()
+  if r is None:
+    return 'n/a'
+  rc = row.ratio(cpu=True)
+  return f'**{r:.2f}x**' + (f' (CPU {rc:.2f}x)' if rc else '')
+
+
+def _sel(rows, section, case=None):
+  return [r for r in rows if r.section == section and (case is None or r.extra.get('case') == case)]
+
+
+def main_table(rows) -> list[str]:
+  out = ['| # | Workload | Reference | Ours | Ratio (ref time / ours) | Check | Device '
+         '| FLOP/s (share of peak) | Date |', '|---|---|---|---|---|---|---|---|---|']
+  for section, case, title in SECTIONS:
+    sel = _sel(rows, section, case)
+    num = title.split('.')[0]
+    for r in sel:
+      ref = r.reference if isinstance(r.ref, str) else f'{r.reference}: {cell(r.ref, r)}'
+      ours = f'{r.ours_label}: {cell(r.ours, r)}'
+      out.append(f'| {num} | {r.workload} | {ref} | {ours} | {ratio_cell(r)} | {r.check} | '
+                 f'{r.device} | {r.flops or "-"} | {r.date} |')
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections.
+
+
+def _goal_section(rows) -> list[str]:
+  pgd = _sel(rows, 'attacks', 'pgd')
+  out = ['## Goal: PGD-20 at >= 1.25x the PyTorch reference', '']
+  if not pgd:
+    return out + ['Not measured in this run.', '']
+  measured = [(r, r.ratio()) for r in pgd if r.ratio() is not None]
+  if not measured:
+    return out + ['No PyTorch reference in this run (torch not installed).', '']
+  for r, ratio in measured:
+    verdict = 'met' if ratio >= GOAL else f'**not met** (gap: {GOAL / ratio:.2f}x)'
+    out.append(f'- {r.workload}: {ratio:.2f}x wall, {r.ratio(cpu=True):.2f}x CPU time -> {verdict}')
+  out.append('')
+  return out
+
+
+def _levers_section(rows) -> list[str]:
+  lev = _sel(rows, 'levers')
+  if not lev:
+    return []
+  out = ['## Levers and profile of PGD-20 L∞ on the SynthParts CNN (`benchmarks/bench_levers.py`)',
+         '', 'Same weights, inputs and random start for every variant, timed interleaved in one '
+         'process; ratio = PyTorch reference time / variant time.', '',
+         '| Variant | Wall (s) | CPU (s) | Cores busy | Success | vs PyTorch (wall) | '
+         'vs PyTorch (CPU) |', '|---|---|---|---|---|---|---|']
+  for r in lev:
+    t = r.ours
+    out.append(f'| {r.workload.split(": ", 1)[1]} | {t.wall:.3f} | {t.cpu:.3f} | '
+               f'{t.cores:.2f} | {r.check.replace("success ", "")} | '
+               f'{r.ratio() or float("nan"):.2f}x | {r.ratio(cpu=True) or float("nan"):.2f}x |')
+  extra = lev[0].extra
+  flags = extra.get('flags') or {}
+  if flags:
+    out += ['', 'XLA:CPU flags, each in a fresh process (the flag is read at start-up), same '
+            'protocol:', '',
+            '| XLA_FLAGS | library (s) | fast pool (s) | PyTorch (s) | library vs PyTorch | '
+            'fast pool vs PyTorch |', '|---|---|---|---|---|---|']
+    for f, res in flags.items():
+      if 'error' in res:
+        out.append(f'| `{f or "(defaults)"}` | failed: {res["error"][-120:]!r} | | | | |')
+        continue
+      lib, fast, ref = res.get('library'), res.get('fast_pool'), res.get('torch_cl')
+      rr = lambda a: f'{ref["wall"] / a["wall"]:.2f}x' if (ref and a) else 'n/a'
+      out.append(f'| `{f or "(defaults)"}` | {lib["wall"]:.3f} | {fast["wall"]:.3f} | '
+                 f'{ref["wall"] if ref else float("nan"):.3f} | {rr(lib)} | {rr(fast)} |')
+  prof = extra.get('profile') or {}
+  steps = prof.get('steps') or {}
+  if steps:
+    out += ['', 'One gradient step (forward + input gradient), batch 128, median of interleaved '
+            'calls:', '', '| Call | Wall (ms) | CPU (ms) |', '|---|---|---|']
+    for k, v in steps.items():
+      out.append(f'| {k} | {1e3 * v["wall"]:.1f} | {1e3 * v["cpu"]:.1f} |')
+    if prof.get('flops_grad') and 'jax grad' in steps:
+      fl = prof['flops_grad']
+      out += ['', f'XLA counts {fl / 1e9:.2f} GFLOP per gradient step: '
+              f'{fl / steps["jax grad"]["wall"] / 1e9:.1f} GFLOP/s as shipped, '
+              + (f'{fl / steps["jax grad (fast pool)"]["wall"] / 1e9:.1f} GFLOP/s with the fast '
+                 'pool' if 'jax grad (fast pool)' in steps else '')
+              + (f', PyTorch {fl / steps["torch grad"]["wall"] / 1e9:.1f} GFLOP/s (same FLOPs).'
+                 if 'torch grad' in steps else '.')]
+  for key, title in (('xla', 'as shipped'), ('xla_fast', 'with the fast pool')):
+    kinds = prof.get(key)
+    if kinds:
+      total = sum(kinds.values())
+      out += ['', f'XLA:CPU thunk time of one gradient step {title} (jax.profiler trace, summed '
+              'over threads):', '', '| Thunks | ms per step | share |', '|---|---|---|']
+      for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        out.append(f'| {k} | {1e3 * v:.1f} | {100 * v / total:.0f}% |')
+  if prof.get('torch'):
+    out += ['', 'PyTorch operators of one gradient step (torch.profiler, self CPU time):', '',
+            '| Operator | ms per step |', '|---|---|']
+    for k, v in prof['torch']:
+      out.append(f'| `{k}` | {1e3 * v:.1f} |')
+  out.append('')
+  return out
+
+
+def markdown(rows, meta, names) -> str:
+  v = meta['versions']
+  lines = [
+      '# Benchmarks', '',
+      'Speed of the library against what users would otherwise run, measured side by side: same '
+      'machine, same run, same model weights, same inputs and hyper-parameters. Every measurement '
+      'warms up (compilation excluded; first-call times are in the JSON output), then times '
+      f'{meta["repeats"]} interleaved rounds (contenders in rotating order), each call '
+      'synchronised with `block_until_ready()`, and reports the median wall time and the median '
+      'process CPU time (all threads). Ratios are reference time / our time: above 1, ours is '
+      'faster.', '',
+      f'- Command: `{meta["command"]}` ({meta["duration_s"] / 60:.1f} min'
+      + (', **smoke run: toy sizes, timings meaningless**' if meta['smoke'] else '') + ')',
+      f'- Machine: {meta["cpu"]}; JAX device: {meta["device"]}'
+      + (' (no GPU: FLOP/s shares are n/a; achieved CPU GFLOP/s in brackets)'
+         if meta['device'].startswith('CPU') else ''),
+      f'- Date: {meta["started"]} to {meta["finished"]}; load average (1/5/15 min) '
+      f'{meta["load_start"]} at the start, {meta["load_end"]} at the end',
+      f'- Versions: jax {v["jax"]}, jaxlib {v["jaxlib"]}, flax {v["flax"]}, torch {v["torch"]}, '
+      f'scikit-learn {v["sklearn"]}, numpy {v["numpy"]}; XLA_FLAGS {meta["xla_flags"]}',
+      '- Time per benchmark: ' + ', '.join(f'{k} {s:.0f} s' for k, s in meta['durations'].items()),
+      '', '## Results', '']
+  lines += main_table(rows)
+  lines += [''] + _goal_section(rows) + _levers_section(rows)
+  lines += [NOTES, LOOP_FORM]
+  return '\n'.join(lines) + '\n'
+
+
+NOTES = """## Method notes
+
+- PyTorch references (`benchmarks/torch_models.py`, `benchmarks/torch_attacks.py`): the NNX weights
+  are copied into PyTorch twins of the same architectures (kernels HWIO -> OIHW, dense kernels
+  transposed, BatchNorm in eval mode with the running statistics, the in-model normalisation), and
+  the logits are checked to agree to 1e-4 before anything is timed. The attacks are written as a
+  PyTorch user would (a Python loop of eager forward + `torch.autograd.grad` on the batch; weights
+  frozen), with `torch.set_num_threads(cores)` and inputs in `channels_last` (faster than NCHW for
+  these nets, see the levers table). The random start of PGD/APGD is drawn once by JAX and given to
+  both sides; success rates must agree within 5 points (else CHECK FAILED and a non-zero exit).
+- Labels are each model's clean predictions, so success is the share of predictions flipped.
+- The ResNet-18 has the CIFAR stem and width 16 (0.70 M parameters, 1/16 of the ImageNet model's
+  FLOPs) so that PGD-20 on 128 images takes seconds on 2 cores; the SynthParts CNN is the main
+  job's victim (trained weights from runs/main/m_cs3a when present).
+- On a shared machine the wall times of both sides suffer; PyTorch's OpenMP threads suffer most when
+  the cores are oversubscribed (they spin at barriers), so compare rows from a quiet run.
+"""
+
+LOOP_FORM = """## Loop form of iterative attacks (`benchmarks/bench_loop_form.py`, measured 2026-11-23)
+
+An earlier, separate study (not re-run by `run.py`; re-run it with
+`python3 benchmarks/bench_loop_form.py`). PGD-L∞ on a 65,930-parameter CNN (3 `lax.conv` layers +
+2 dense) at 32x32x3, median process CPU seconds (wall time was up to 2x noisier: other jobs shared
+the machine during that run).
+
+| form | PGD-20, batch 128 | PGD-20, batch 32 | PGD-100, batch 32 | first call (PGD-20 b128 / PGD-100 b32) |
+|---|---|---|---|---|
+| unrolled (Python loop in the jitted attack) | 1.55 | 0.24 | 2.09 | 8.3 s / 20.7 s |
+| `lax.scan(unroll=True)` | 1.54 | 0.25 | 2.18 | 11.7 s / 19.3 s |
+| `lax.scan` (rolled) | 3.31 | - | 3.96 | 10.2 s / 8.0 s |
+| `lax.fori_loop` | 3.25 | 0.79 | 4.02 | 10.3 s / 5.7 s |
+| host loop of one jitted step | 1.77 | 0.22 | 1.09 | 6.5 s / 4.2 s |
+
+Rolled loops over conv input-gradients run about 2x slower on XLA:CPU than the same steps
+unrolled, so `unmask_jax/attacks/common.py` chooses `LOOP_FORM = 'unrolled'` (the one place the
+choice lives), falling back to a rolled scan above `MAX_UNROLL = 100` steps to bound compile time.
+Compile time is the price: the attack runner therefore compiles each attack once and passes eps as
+a traced scalar, so all eps values and all models of one architecture share a program. The levers
+table above re-measures unrolled vs rolled on the SynthParts victim against PyTorch.
+"""
