@@ -120,7 +120,8 @@ def _mc_rows(settings, victim, device, torch):
         return torch.stack([torch.softmax(tmodel(xt, mc_dropout=True), -1) for _ in range(T)])
 
     fns.update(timing.torch_contenders(torch, torch_loop, 'torch'))
-  t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1))
+  t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1),
+                     alternatives=timing.torch_pair('torch'))
   ours = np.asarray(fns['ours']())
   diff = float(np.max(np.abs(ours - np.asarray(loop()))))
   work = f'MC dropout T={T}, {victim.name}, batch {batch} 32x32'

@@ -55,7 +55,8 @@ def _k_rows(settings, device, torch):
       torch_models.check_same_logits(k, tmodel, x[:2])
       xt = torch_models.to_torch_images(x, channels_last=True)
       fns.update(timing.torch_contenders(torch, lambda xt=xt: _torch_parts(torch, tmodel, xt)))
-    t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1))
+    t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1),
+                       alternatives=timing.torch_pair())
     ref_t, threads = timing.best_torch(t) if tmodel is not None else (timing.NOT_INSTALLED, 0)
     if tmodel is not None:
       agree = float(np.mean(np.asarray(fns['ours']()) == fns['ref']().numpy()))

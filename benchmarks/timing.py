@@ -49,7 +49,8 @@ def timed_call(fn: Callable[[], Any]) -> tuple[float, float, Any]:
 
 
 def compare(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-            budget_s: float | None = None) -> dict[str, Timing]:
+            budget_s: float | None = None,
+            alternatives: tuple[tuple[str, str], ...] = ()) -> dict[str, Timing]:
   """Times several contenders, interleaved; returns {name: Timing}.
 
   Args:
@@ -59,14 +60,29 @@ def compare(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
       includes compilation for JAX, is kept as `first_call`).
     budget_s: stop adding rounds once this many seconds were spent (at least one round runs), so
       that a slow reference cannot blow the run's time budget.
+    alternatives: pairs of contenders of which only the faster is of interest (PyTorch at all
+      cores or at 1 thread): if the last warm-up call of one took over 1.5x the other's, it is
+      not timed further (its Timing holds its warm-up calls only).
   """
   names = list(fns)
-  first = {}
+  first, last = {}, {}
+  warm = {n: ([], []) for n in names}
   for name in names:
-    for i in range(max(warmup, 0)):
-      w, _, _ = timed_call(fns[name])
+    for i in range(max(warmup, 1)):
+      w, c, _ = timed_call(fns[name])
+      warm[name][0].append(w)
+      warm[name][1].append(c)
       if i == 0:
         first[name] = w
+      last[name] = w
+  dropped = set()
+  for a, b in alternatives:
+    if a in last and b in last:
+      if last[a] > 1.5 * last[b]:
+        dropped.add(a)
+      elif last[b] > 1.5 * last[a]:
+        dropped.add(b)
+  names = [n for n in names if n not in dropped]
   walls = {n: [] for n in names}
   cpus = {n: [] for n in names}
   t0 = time.perf_counter()
@@ -78,8 +94,12 @@ def compare(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
       cpus[name].append(c)
     if budget_s is not None and time.perf_counter() - t0 > budget_s:
       break
-  return {n: Timing(statistics.median(walls[n]), statistics.median(cpus[n]), walls[n], cpus[n],
-                    first.get(n)) for n in names}
+  out = {n: Timing(statistics.median(walls[n]), statistics.median(cpus[n]), walls[n], cpus[n],
+                   first.get(n)) for n in names}
+  for n in dropped:
+    out[n] = Timing(statistics.median(warm[n][0]), statistics.median(warm[n][1]), warm[n][0],
+                    warm[n][1], first.get(n))
+  return out
 
 
 @dataclasses.dataclass
@@ -163,6 +183,11 @@ def torch_contenders(torch, fn: Callable[[], Any], name: str = 'ref') -> dict[st
   if cores() > 1:
     fns[f'{name}_1t'] = with_threads(torch, 1, fn)
   return fns
+
+
+def torch_pair(name: str = 'ref') -> tuple[tuple[str, str], ...]:
+  """The `alternatives` argument of `compare` for `torch_contenders(..., name)`."""
+  return ((name, f'{name}_1t'),)
 
 
 def best_torch(t: dict[str, Timing], name: str = 'ref') -> tuple[Timing, int]:

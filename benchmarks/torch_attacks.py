@@ -124,8 +124,13 @@ def cw_l2(model, x, y, *, steps: int, binary_search_steps: int, initial_const: f
   return best_x.detach()
 
 
-def deepfool(model, x, y, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10):
-  """Batched DeepFool L2; candidate classes = y + the top clean competitors; early exit."""
+def deepfool(model, x, y, *, steps: int = 50, overshoot: float = 0.02, candidates: int = 10,
+             info: dict | None = None):
+  """Batched DeepFool L2; candidate classes = y + the top clean competitors; early exit.
+
+  `info`, if given, receives 'iterations': the gradient iterations run before every example was
+  misclassified (or `steps`).
+  """
   with torch.no_grad():
     logits0 = model(x)
   k = logits0.shape[1]
@@ -134,12 +139,14 @@ def deepfool(model, x, y, *, steps: int = 50, overshoot: float = 0.02, candidate
   cls = torch.cat([y[:, None], others.topk(nc - 1, dim=1).indices], dim=1)  # [N, nc]
   r_tot = torch.zeros_like(x)
   active = torch.ones(x.shape[0], dtype=torch.bool)
+  iterations = 0
   for _ in range(steps):
     x_i = (x + (1 + overshoot) * r_tot).clamp(0, 1).requires_grad_(True)
     logits = model(x_i)
     active = active & (logits.argmax(1) == y)
     if not active.any():
       break
+    iterations += 1
     z = logits.gather(1, cls)  # [N, nc]
     grads = [torch.autograd.grad(z[:, j].sum(), x_i, retain_graph=j < nc - 1)[0]
              for j in range(nc)]
@@ -154,6 +161,8 @@ def deepfool(model, x, y, *, steps: int = 50, overshoot: float = 0.02, candidate
       d_l = dist[best, ar]
       r_i = _bcast(d_l + 1e-4) * _normalize_l2(w_l)
       r_tot = r_tot + torch.where(_bcast(active), r_i, torch.zeros_like(r_i))
+  if info is not None:
+    info['iterations'] = iterations
   return (x + (1 + overshoot) * r_tot).clamp(0, 1).detach()
 
 
