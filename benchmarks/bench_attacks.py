@@ -182,7 +182,7 @@ def run(settings: timing.Settings) -> list[timing.Row]:
                'torch_all_threads': t.get('ref'), 'torch_1_thread': t.get('ref_1t')}))
     r = rows[-1].ratio()
     print(f'    {case.label}, {victim.name}: ours {ours_t.wall:.3f} s (compile {compile_s:.1f} s)'
-          + (f', ref {ref_t.wall:.3f} s ({threads} threads; all-core {t["ref"].wall:.3f} s), '
+          + (f', ref {ref_t.wall:.3f} s ({threads} thread(s); all-core {t["ref"].wall:.3f} s), '
              f'ratio {r:.2f}x' if r else '') + f'; {check}',
           flush=True)
   return rows

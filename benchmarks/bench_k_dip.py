@@ -65,7 +65,7 @@ def _k_rows(settings, device, torch):
         check = 'CHECK FAILED: ' + check
     ours = t['ours']
     print(f'    K {size}x{size}: ours {batch / ours.wall:.0f} img/s'
-          + (f', torch {batch / ref_t.wall:.0f} img/s ({threads} threads)' if 'ref' in t
+          + (f', torch {batch / ref_t.wall:.0f} img/s ({threads} thread(s))' if 'ref' in t
              else ''), flush=True)
     rows.append(timing.Row(
         NAME, f'K (U-Net) forward + part extraction, {size}x{size}, batch {batch}',
