@@ -38,7 +38,7 @@ def _tiny(name, num_classes=5, **kwargs):
 def test_registry_lists_every_model():
   assert models.MODELS.names() == sorted(
       ['resnet10', 'resnet18', 'resnet34', 'resnet50', 'densenet121', 'cnn_mnist', 'cnn_small',
-       'unet'])
+       'unet', 'mrr_defender'])
 
 
 def test_unknown_name_lists_valid_names():

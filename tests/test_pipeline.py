@@ -36,18 +36,22 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
   results = json.load(open(os.path.join(wd, 'eval', 'results.json')))
   cs3a = results['class_sets']['cs3a']
   mc = next(d for d in results['defenses'] if d.startswith('mc_dropout'))
-  # MC dropout also predicts (the MC-averaged class); KDE, KL, LR and MRR only detect.
-  assert set(cs3a['clean']) == {'None', 'AT', 'unmask', mc}
+  # MC dropout also predicts (the MC-averaged class); KDE, KL, LR and MRR only detect. Deep
+  # Protection predicts too, but only where the quick config runs its DIP study (cs3a, PGD-Linf-8).
+  assert set(cs3a['clean']) == {'None', 'AT', 'unmask', mc, 'deep_protection'}
+  assert set(results['class_sets']['cs3b']['clean']) == {'None', 'AT', 'unmask', mc}
   assert set(cs3a['attacks']) == {'FGSM-Linf-8', 'PGD-Linf-8', 'PGD-L2-600'}
   # The report lists attacks in the order they were run (results.json is key-sorted).
   assert text.index('| FGSM-Linf-8 |') < text.index('| PGD-Linf-8 |') < text.index('| PGD-L2-600 |')
   a = cs3a['attacks']['PGD-Linf-8']
-  assert set(a['accuracy']) == {'None', 'AT', 'unmask', mc}
+  assert set(a['accuracy']) == {'None', 'AT', 'unmask', mc, 'deep_protection'}
+  assert 'deep_protection' not in cs3a['attacks']['FGSM-Linf-8']['accuracy']
   detected = {d for x in cs3a['attacks'].values() for d in x['detection']}
   assert detected <= set(results['defenses']) and {'kde', 'kl'} <= set(results['defenses'])
   # Every kind of detector reached the detection table, the combiner included.
   kinds = {d.split('(')[0] for d in detected}
-  assert kinds == {'unmask', 'mc_dropout', 'kde', 'kl', 'lr_combiner', 'mrr'}, kinds
+  # (DIP's residual reaches it only when >= 2 of its 6 images were attacked successfully.)
+  assert kinds - {'deep_protection'} == {'unmask', 'mc_dropout', 'kde', 'kl', 'lr_combiner', 'mrr'}
   # The combiner's held-out split: 12 validation images attacked, thresholds on the other 24.
   assert cs3a['n_combiner_holdout'] == 12 and cs3a['n_validation'] == 24
   # MRR flags at its own operating point; 2 defenders were trained and loaded.

@@ -762,7 +762,9 @@ def _notes(result: dict) -> list[str]:
                  f'has a standard error of about {min(ses):.3f}-{max(ses):.3f} (Hanley-McNeil). '
                  'The AUC differences the claims rest on come with 95% CIs from 1000 paired '
                  'bootstrap resamples of the test pairs (both detectors on the same images).')
-  parts = ', '.join(f'{k} {v}s' for k, v in result['seconds'].items() if k != 'total')
+  # Sorted: a cached result comes back from JSON key-sorted, and the section must not change
+  # between runs (the main job re-evaluates when it does).
+  parts = ', '.join(f'{k} {v}s' for k, v in sorted(result['seconds'].items()) if k != 'total')
   notes.append(f'Seed {result["seed"]}; all numbers are deterministic for a given seed. Wall time '
                f'{result["seconds"]["total"]:.0f}s ({parts}).')
   return notes
