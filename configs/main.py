@@ -22,7 +22,7 @@ def get_config():
   c.m = synthparts_m.get_config()
   c.at = synthparts_m.get_config()
   c.at.adv_training.enabled = True  # PGD-L∞ 7 steps at eps 4/255: the paper's line-search choice
-  c.at.num_epochs = 8               # each AT step costs 8 forward-backward passes
+  c.at.num_epochs = 12              # each AT step costs 8 forward-backward passes
   c.attack = attack.get_config()
   c.attack.max_examples = 300       # test images attacked per class set (first 300 of the split)
   # MRR (seed 002): N defenders per class set; the evaluation reports N = 1, 2, 4 (first n of them).

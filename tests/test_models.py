@@ -314,3 +314,18 @@ def test_classifier_functions_reject_segmenter():
                                                rngs=nnx.Rngs(0)))
   with pytest.raises(TypeError, match='not a classifier'):
     functional.logits_fn(model)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
+def test_max_pool_2x2_equals_reduce_window_pool_and_its_gradient(shape):
+  from unmask_jax.models import base
+  # Distinct positive values (no ties), as after a ReLU: forward and gradient must equal nnx's.
+  x = jax.random.permutation(jax.random.key(0), np.prod(shape)).reshape(shape).astype(jnp.float32)
+  ref = lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(base.max_pool_2x2(x), ref(x))
+  w = jax.random.normal(jax.random.key(1), ref(x).shape)
+  g = jax.grad(lambda v: jnp.sum(base.max_pool_2x2(v) * w))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
+  np.testing.assert_array_equal(g, g_ref)
+  # Each pooled cell routes its cotangent to exactly one input (the maximum).
+  assert int(jnp.sum(g != 0)) == int(jnp.sum(w != 0))

@@ -89,7 +89,7 @@ class CNNMnist(base.Classifier):
     if tuple(x.shape[1:3]) != self.image_size:
       raise ValueError(f'CNNMnist was built for {self.image_size} images, got shape {x.shape}')
     x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
-    x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = base.max_pool_2x2(x)
     x = base.dropout(self.dropout1, x, dropout_key)
     x = x.reshape(x.shape[0], -1)
     return nnx.relu(self.fc1(x))
@@ -141,7 +141,7 @@ class CNNSmall(base.Classifier):
     for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
       x = nnx.relu(bn(conv(x)))
       if i < len(self.convs) - 1:
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = base.max_pool_2x2(x)
     return nnx.relu(self.fc1(base.global_avg_pool(x)))
 
   def head(self, feats: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:

@@ -119,7 +119,7 @@ class UNet(nnx.Module):
     for block in self.down:
       x = block(x)
       skips.append(x)
-      x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+      x = base.max_pool_2x2(x)
     x = self.bottleneck(x)
     for block, skip in zip(self.up, reversed(skips)):
       x = block(x, skip)
