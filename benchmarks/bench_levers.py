@@ -3,15 +3,15 @@
 PGD-20 L∞ (eps 8/255, step 2/255), batch 128, on the SynthParts victim, all variants with the same
 weights and inputs, timed interleaved in one process:
 
-  library            the library's jitted attack as shipped (unrolled steps, nnx.max_pool)
-  scan               the same traced under attacks.common.loop_form('scan') (a rolled loop)
-  fast_pool          the model's 2x2 max-pool written as a maximum of 4 strided slices (the library
-                     change proposed in BENCHMARKS.md); the gradient is the same (max-pool follows a
-                     ReLU, so ties are zeros whose gradient the ReLU kills anyway)
-  nchw               a pure-JAX copy of the model (fast pool) computing in NCHW instead of NHWC
+  library            the library's jitted attack as shipped (unrolled steps; the 2x2 max-pool as
+                     the maximum of 4 strided slices, `models.base.max_pool_2x2`)
+  old_pool           the same model with `nnx.max_pool` (a reduce_window), the library's form
+                     before this study: the lever that moved the most
+  scan               the library traced under attacks.common.loop_form('scan') (a rolled loop)
+  nchw               a pure-JAX copy of the model computing in NCHW instead of NHWC
   torch_cl / torch_nchw / torch_cl_1thread   the PyTorch eager reference, layouts and threads
 
-then, each in a fresh process (XLA_FLAGS is read at start-up), `library` and `fast_pool` against the
+then, each in a fresh process (XLA_FLAGS is read at start-up), `library` and `old_pool` against the
 PyTorch reference under XLA:CPU flags, and a profile of one gradient step: forward vs backward time
 on both sides, the XLA:CPU thunks by kind (from a jax.profiler trace), and PyTorch's top operators.
 
@@ -53,38 +53,25 @@ FLAGS = (
 )
 
 
-def max_pool_2x2(x):
-  """2x2/2 max-pool of NHWC x as the maximum of 4 strided slices (the proposed library helper).
-
-  Equal to nnx.max_pool(x, (2, 2), strides=(2, 2)) for even H and W (odd sizes drop the last
-  row/column, as 'VALID' pooling does). Its gradient is a few elementwise selects, where the
-  reduce_window gradient XLA:CPU emits (select-and-scatter, lowered with iotas and a scatter) is
-  several times the cost of the convolutions it sits between.
-  """
-  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-  x = x[:, :h, :w]
-  a = jnp.maximum(x[:, 0::2], x[:, 1::2])
-  return jnp.maximum(a[:, :, 0::2], a[:, :, 1::2])
-
-
-class CNNSmallFastPool(cnn.CNNSmall):
-  """cnn.CNNSmall with `max_pool_2x2` instead of nnx.max_pool: the proposed library change."""
+class CNNSmallOldPool(cnn.CNNSmall):
+  """cnn.CNNSmall with `nnx.max_pool` (reduce_window), the library's pooling before this study."""
 
   def features(self, x, *, dropout_key=None):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
     del dropout_key
     x = self._normalize(x)
     for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
       x = jax.nn.relu(bn(conv(x)))
       if i < len(self.convs) - 1:
-        x = max_pool_2x2(x)
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
     return jax.nn.relu(self.fc1(jnp.mean(x, axis=(1, 2))))
 
 
-def fast_pool_twin(model):
-  """A CNNSmallFastPool holding `model`'s weights (eval mode)."""
+def old_pool_twin(model):
+  """A CNNSmallOldPool holding `model`'s weights (eval mode)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
-  twin = nnx.eval_shape(lambda: CNNSmallFastPool(
+  twin = nnx.eval_shape(lambda: CNNSmallOldPool(
       num_classes=model.num_classes, in_channels=model.in_channels,
       widths=[c.out_features for c in model.convs], feature_dim=model.feature_dim,
       dropout=model.dropout.rate, mean=model.mean, std=model.std, rngs=nnx.Rngs(0)))
@@ -95,7 +82,7 @@ def fast_pool_twin(model):
 
 
 def nchw_apply(params, x_nhwc):
-  """The victim (fast pool) as a pure function computing in NCHW (the batch-layout lever)."""
+  """The victim as a pure function computing in NCHW (the batch-layout lever)."""
   mean, std, convs, bns, (w1, b1), (w2, b2) = params
   h = jnp.transpose((x_nhwc - mean) / std, (0, 3, 1, 2))
   for i, (k, (scale, bias, mu, var)) in enumerate(zip(convs, bns)):
@@ -159,7 +146,7 @@ def bf16_logits_fn(fn):
   return jax.tree_util.Partial(_bf16_apply, low)
 
 
-def _variants(s, torch, include=('library', 'scan', 'fast_pool', 'nchw')):
+def _variants(s, torch, include=('library', 'scan', 'old_pool', 'nchw')):
   victim, xj, yj, key, attack = s['victim'], s['xj'], s['yj'], s['key'], s['attack']
   place = s['place']  # replicates weights when the batch is sharded over forced host devices
   fns = {}
@@ -172,23 +159,22 @@ def _variants(s, torch, include=('library', 'scan', 'fast_pool', 'nchw')):
     with common.loop_form('scan'):  # the form is read at trace time: compile inside
       timing.sync(scan(victim.logits_fn, xj, yj, key))
     fns['scan'] = lambda: scan(victim.logits_fn, xj, yj, key)
-  if 'fast_pool' in include:
-    fast = jax.jit(attack)
-    ffn = place(functional.logits_fn(fast_pool_twin(victim.model)))
-    fns['fast_pool'] = lambda: fast(ffn, xj, yj, key)
+  if 'old_pool' in include:
+    old = jax.jit(attack)
+    ofn = place(functional.logits_fn(old_pool_twin(victim.model)))
+    fns['old_pool'] = lambda: old(ofn, xj, yj, key)
   if 'nchw' in include:
     nchw = jax.jit(attack)
     nfn = jax.tree_util.Partial(nchw_apply, nchw_params(victim.model))
     fns['nchw'] = lambda: nchw(nfn, xj, yj, key)
   if 'bf16' in include:
     low = jax.jit(attack)
-    bfn = bf16_logits_fn(functional.logits_fn(fast_pool_twin(victim.model)))
+    bfn = bf16_logits_fn(victim.logits_fn)
     fns['bf16'] = lambda: low(bfn, xj, yj, key)
   if 'donate' in include:
     # x donated to the attack (its buffer may hold x_adv); each call donates a fresh copy.
     donated = jax.jit(attack, donate_argnums=(1,))
-    ffn2 = functional.logits_fn(fast_pool_twin(victim.model))
-    fns['donate'] = lambda: donated(ffn2, jnp.copy(xj), yj, key)
+    fns['donate'] = lambda: donated(victim.logits_fn, jnp.copy(xj), yj, key)
   if torch is not None:
     fns['torch_cl'] = s['torch'][True]
     fns['torch_cl_1thread'] = timing.with_threads(torch, 1, s['torch'][True])
@@ -288,10 +274,10 @@ def _profile(settings, torch, s):
   out = {}
   grad = jax.jit(lambda f, v: common.loss_and_grad(f, common.cross_entropy, v, yj)[1])
   fwd = jax.jit(lambda f, v: f(v))
-  fast_fn = functional.logits_fn(fast_pool_twin(victim.model))
+  old_fn = functional.logits_fn(old_pool_twin(victim.model))
   fns = {'jax fwd': lambda: fwd(victim.logits_fn, xj), 'jax grad': lambda: grad(victim.logits_fn, xj),
-         'jax fwd (fast pool)': lambda: fwd(fast_fn, xj),
-         'jax grad (fast pool)': lambda: grad(fast_fn, xj)}
+         'jax fwd (nnx.max_pool)': lambda: fwd(old_fn, xj),
+         'jax grad (nnx.max_pool)': lambda: grad(old_fn, xj)}
   if torch is not None:
     from benchmarks import torch_models  # pylint: disable=import-outside-toplevel
     tm = torch_models.from_nnx(victim.model)
@@ -312,7 +298,7 @@ def _profile(settings, torch, s):
   out['steps'] = {k: {'wall': v.wall, 'cpu': v.cpu} for k, v in t.items()}
   out['flops_grad'] = timing.flops_of(grad, victim.logits_fn, xj)
   out['xla'] = xla_profile(fns['jax grad'], settings.n(10, 1))
-  out['xla_fast'] = xla_profile(fns['jax grad (fast pool)'], settings.n(10, 1))
+  out['xla_old'] = xla_profile(fns['jax grad (nnx.max_pool)'], settings.n(10, 1))
   if torch is not None:
     out['torch'] = torch_profile(torch, fns['torch grad'], settings.n(5, 1))
   return out
@@ -325,7 +311,7 @@ def _profile(settings, torch, s):
 def _flag_worker(args) -> None:
   settings = timing.Settings(smoke=args.smoke, repeats=args.repeats)
   torch = timing.torch_or_none()
-  out, _ = _measure(settings, torch, ('library', 'fast_pool'))
+  out, _ = _measure(settings, torch, ('library', 'old_pool'))
   out['devices'] = jax.device_count()
   print('RESULT ' + json.dumps(out), flush=True)
 
@@ -347,12 +333,12 @@ def _run_flag(flags: str, settings) -> dict:
 
 
 LABELS = {
-    'library': 'ours: library attack as shipped (unrolled)',
+    'library': 'ours: library attack as shipped (unrolled, max-pool as 4 strided slices)',
+    'old_pool': 'ours: the same with nnx.max_pool (reduce_window; the form before this study)',
     'scan': 'ours: traced under loop_form("scan") (rolled loop)',
-    'fast_pool': 'ours: max-pool as 4 strided slices (proposed change)',
-    'nchw': 'ours: pure-JAX model in NCHW (fast pool)',
-    'bf16': 'ours: fast pool, weights and activations in bfloat16',
-    'donate': 'ours: fast pool, x donated to the jitted attack (fresh copy per call)',
+    'nchw': 'ours: pure-JAX model in NCHW',
+    'bf16': 'ours: weights and activations in bfloat16',
+    'donate': 'ours: x donated to the jitted attack (fresh copy per call)',
     'torch_cl': 'PyTorch eager, channels_last, all cores',
     'torch_nchw': 'PyTorch eager, NCHW, 2 threads',
     'torch_cl_1thread': 'PyTorch eager, channels_last, 1 thread',
@@ -364,14 +350,15 @@ def run(settings: timing.Settings) -> list[timing.Row]:
   torch = timing.torch_or_none()
   device = timing.device_label()
   print('  in-process variants', flush=True)
-  res, s = _measure(settings, torch, ('library', 'fast_pool') if settings.smoke
-                    else ('library', 'scan', 'fast_pool', 'nchw', 'bf16', 'donate'))
+  res, s = _measure(settings, torch, ('library', 'old_pool') if settings.smoke
+                    else ('library', 'old_pool', 'scan', 'nchw', 'bf16', 'donate'))
   ref, ref_name = best_reference(res)
   victim = s['victim']
   same = float(np.max(np.abs(
-      np.asarray(functional.logits_fn(fast_pool_twin(victim.model))(s['x']))
+      np.asarray(functional.logits_fn(old_pool_twin(victim.model))(s['x']))
       - np.asarray(victim.logits_fn(s['x'])))))
-  print(f'    fast-pool model: max |logit difference| to the library model {same:.1e}', flush=True)
+  print(f'    nnx.max_pool model: max |logit difference| to the library model {same:.1e}',
+        flush=True)
   rows = []
   for name, r in res.items():
     tm = timing.Timing(r['wall'], r['cpu'], r['walls'], r['cpus'], r['first_call'])
@@ -381,7 +368,7 @@ def run(settings: timing.Settings) -> list[timing.Row]:
         NAME, f'PGD-{s["steps"]} L∞ cnn_small, batch {s["batch"]}: {LABELS[name]}',
         LABELS[ref_name] if ref else timing.NOT_INSTALLED, name, rtm, tm,
         check=f'success {100 * r["success"]:.1f}%', device=device, date=settings.date,
-        extra={'variant': name, 'fast_pool_logit_diff': same}))
+        extra={'variant': name, 'old_pool_logit_diff': same}))
     print(f'    {name}: {r["wall"]:.3f} s wall, {r["cpu"]:.3f} s CPU, success '
           f'{100 * r["success"]:.1f}%', flush=True)
   flags = {}

@@ -140,46 +140,45 @@ def _goal_section(rows) -> list[str]:
   for r, ratio in measured:
     verdict = 'met' if ratio >= GOAL else f'**not met**: ours needs {GOAL / ratio:.2f}x less time'
     out.append(f'- {r.workload}: {_fmt_ratio(r)} -> {verdict}')
-  lib, fast = _lever(rows, 'library'), _lever(rows, 'fast_pool')
+  lib, old = _lever(rows, 'library'), _lever(rows, 'old_pool')
   first = (_sel(rows, 'levers') or [None])[0]
   prof = first.extra.get('profile', {}) if first else {}
   flags = first.extra.get('flags', {}) if first else {}
-  if lib and fast and isinstance(lib.ours, timing.Timing) and isinstance(fast.ours, timing.Timing):
-    kinds = prof.get('xla') or {}
+  if lib and old and isinstance(lib.ours, timing.Timing) and isinstance(old.ours, timing.Timing):
+    kinds = prof.get('xla_old') or {}
     pool = kinds.get('max-pool backward (reduce-window, iota, scatter)')
     share = (f' ({100 * pool / sum(kinds.values()):.0f}% of the gradient step\'s XLA:CPU thunk '
              'time)' if pool and kinds else '')
     fresh = flags.get('') or {}
     refs = [fresh[k] for k in ('torch_cl', 'torch_cl_1thread') if k in fresh]
-    if fresh.get('library') and fresh.get('fast_pool') and refs:
+    if fresh.get('library') and fresh.get('old_pool') and refs:
       ref = min(refs, key=lambda r: r['wall'])
-      l_w, f_w, r_w = fresh['library']['wall'], fresh['fast_pool']['wall'], ref['wall']
+      l_w, f_w, r_w = fresh['old_pool']['wall'], fresh['library']['wall'], ref['wall']
       where = 'in a fresh process with only these contenders'
     else:
-      l_w, f_w = lib.ours.wall, fast.ours.wall
+      l_w, f_w = old.ours.wall, lib.ours.wall
       r_w = lib.ref.wall if isinstance(lib.ref, timing.Timing) else float('nan')
       where = 'in the levers process'
     out += ['', 'Where the time goes (details in the levers section below):', '',
-            f'1. The 2x2 max-pool gradient of the SynthParts CNN. `nnx.max_pool` is a '
+            f'1. The 2x2 max-pool gradient of the SynthParts CNN (done). `nnx.max_pool` is a '
             f'`reduce_window`, whose gradient XLA:CPU lowers to select-and-scatter with iotas and '
-            f'a scatter{share}. Written as the maximum of four strided slices (the same function, '
-            'and the same gradient: ties after the ReLU are zeros, whose gradient the ReLU kills), '
-            f'PGD-20 takes {f_w:.3f} s instead of {l_w:.3f} s ({l_w / f_w:.1f}x less) {where}, '
-            f'i.e. {r_w / f_w:.2f}x PyTorch ({r_w:.3f} s) where the library as shipped is at '
-            f'{r_w / l_w:.2f}x. The as-shipped time is the least steady of all (its scatter-heavy '
-            f'gradient is split over many threads): {lib.ours.wall:.2f} s in the levers process, '
-            'see also the main table. This needs a change in `unmask_jax/models` (proposed, not '
-            'made here). The ResNet-18 (CIFAR stem) has no max-pool: its gap is that of the next '
-            'item (profiled on the CNN).']
+            f'a scatter{share}. The library now writes it as the maximum of four strided slices '
+            '(`unmask_jax.models.base.max_pool_2x2`: the same function, and the same gradient '
+            'except at ties, which after the ReLU are zeros whose gradient the ReLU kills): '
+            f'PGD-20 takes {f_w:.3f} s instead of {l_w:.3f} s with `nnx.max_pool` '
+            f'({l_w / f_w:.1f}x less) {where}, i.e. {r_w / f_w:.2f}x PyTorch ({r_w:.3f} s) where '
+            f'the old form is at {r_w / l_w:.2f}x. The U-Net K and the digits CNN use the same '
+            'helper. The ResNet-18 (CIFAR stem) has no max-pool: its gap is that of the next item '
+            '(profiled on the CNN).']
     steps = prof.get('steps') or {}
-    fk = prof.get('xla_fast') or {}
+    fk = prof.get('xla') or {}
     tops = dict(prof.get('torch') or [])
-    if steps.get('jax grad (fast pool)') and steps.get('torch grad'):
-      j, t = steps['jax grad (fast pool)'], steps['torch grad']
+    if steps.get('jax grad') and steps.get('torch grad'):
+      j, t = steps['jax grad'], steps['torch grad']
       conv_x = sum(v for k, v in fk.items() if 'convolution' in k or 'library' in k)
       conv_t = sum(v for k, v in tops.items() if 'convolution' in k)
       out.append(
-          f'2. Convolutions. With the fast pool one gradient step takes {1e3 * j["wall"]:.1f} ms '
+          f'2. Convolutions. One gradient step takes {1e3 * j["wall"]:.1f} ms '
           f'({1e3 * j["cpu"]:.1f} ms CPU) against PyTorch\'s {1e3 * t["wall"]:.1f} ms '
           f'({1e3 * t["cpu"]:.1f} ms CPU). XLA:CPU\'s convolution thunks take {1e3 * conv_x:.1f} ms '
           '(YNNPACK fusions, and Eigen for the input gradient of the first layer, whose 3 output '
@@ -188,16 +187,16 @@ def _goal_section(rows) -> list[str]:
           'operator over both threads (CPU/wall '
           f'{t["cpu"] / t["wall"]:.2f}), while XLA:CPU runs the small thunks of this network '
           f'mostly one at a time (CPU/wall {j["cpu"] / j["wall"]:.2f}, part of it spinning).')
-    shard = next((v for k, v in flags.items() if 'device_count=2' in k and 'fast_pool' in v), None)
+    shard = next((v for k, v in flags.items() if 'device_count=2' in k and 'library' in v), None)
     if shard and shard.get('torch_cl'):
       shard = dict(shard, torch_cl=min((shard[k] for k in ('torch_cl', 'torch_cl_1thread')
                                         if k in shard), key=lambda r: r['wall']))
       out.append(
           f'3. Using both cores from JAX: sharding the batch over 2 forced host devices runs the '
-          f'two halves in parallel; with the fast pool PGD-20 then takes '
-          f'{shard["fast_pool"]["wall"]:.3f} s against PyTorch\'s {shard["torch_cl"]["wall"]:.3f} s '
-          f'in that process ({shard["torch_cl"]["wall"] / shard["fast_pool"]["wall"]:.2f}x), '
-          'the closest the levers came to the goal.')
+          f'two halves in parallel; PGD-20 then takes '
+          f'{shard["library"]["wall"]:.3f} s against PyTorch\'s {shard["torch_cl"]["wall"]:.3f} s '
+          f'in that process ({shard["torch_cl"]["wall"] / shard["library"]["wall"]:.2f}x). '
+          'Not the default: one device is what a user gets, and the main table measures that.')
     out.append('4. Not levers here (tables below): the loop form (a rolled `lax.scan` is no '
                'faster), the NCHW layout, donating the input, XLA:CPU flags (YNNPACK or oneDNN '
                'convolutions, single-threaded Eigen) and bfloat16 (slower on this CPU).')
@@ -302,15 +301,15 @@ def _levers_section(rows) -> list[str]:
   if flags:
     out += ['', 'XLA:CPU flags, each in a fresh process (the flag is read at start-up), same '
             'protocol:', '',
-            '| XLA_FLAGS | library (s) | fast pool (s) | PyTorch (s) | library vs PyTorch | '
-            'fast pool vs PyTorch |', '|---|---|---|---|---|---|']
+            '| XLA_FLAGS | library (s) | with nnx.max_pool (s) | PyTorch (s) | library vs PyTorch | '
+            'nnx.max_pool vs PyTorch |', '|---|---|---|---|---|---|']
     for f, res in flags.items():
       if 'error' in res:
         out.append(f'| `{f or "(defaults)"}` | failed: {res["error"][-120:]!r} | | | | |')
         continue
       if res.get('devices', 1) > 1:
         f += f' (batch sharded over {res["devices"]} devices)'
-      lib, fast = res.get('library'), res.get('fast_pool')
+      lib, fast = res.get('library'), res.get('old_pool')
       refs = [res[k] for k in ('torch_cl', 'torch_cl_1thread') if k in res]
       ref = min(refs, key=lambda r: r['wall']) if refs else None
       rr = lambda a: f'{ref["wall"] / a["wall"]:.2f}x' if (ref and a) else 'n/a'
@@ -326,12 +325,12 @@ def _levers_section(rows) -> list[str]:
     if prof.get('flops_grad') and 'jax grad' in steps:
       fl = prof['flops_grad']
       out += ['', f'XLA counts {fl / 1e9:.2f} GFLOP per gradient step: '
-              f'{fl / steps["jax grad"]["wall"] / 1e9:.1f} GFLOP/s as shipped, '
-              + (f'{fl / steps["jax grad (fast pool)"]["wall"] / 1e9:.1f} GFLOP/s with the fast '
-                 'pool' if 'jax grad (fast pool)' in steps else '')
+              f'{fl / steps["jax grad"]["wall"] / 1e9:.1f} GFLOP/s as shipped'
+              + (f', {fl / steps["jax grad (nnx.max_pool)"]["wall"] / 1e9:.1f} GFLOP/s with '
+                 'nnx.max_pool' if 'jax grad (nnx.max_pool)' in steps else '')
               + (f', PyTorch {fl / steps["torch grad"]["wall"] / 1e9:.1f} GFLOP/s (same FLOPs).'
                  if 'torch grad' in steps else '.')]
-  for key, title in (('xla', 'as shipped'), ('xla_fast', 'with the fast pool')):
+  for key, title in (('xla', 'as shipped'), ('xla_old', 'with nnx.max_pool')):
     kinds = prof.get(key)
     if kinds:
       total = sum(kinds.values())
