@@ -155,7 +155,9 @@ def _variants(s, torch, include=('library', 'scan', 'old_pool', 'nchw')):
     lfn = place(victim.logits_fn)
     fns['library'] = lambda: lib(lfn, xj, yj, key)
   if 'scan' in include:
-    scan = jax.jit(attack)
+    # A fresh function object: JAX caches traces per function, so jitting `attack` itself here
+    # would hand the rolled trace to every other variant that jits `attack` (it did, once).
+    scan = jax.jit(functools.partial(attack))
     with common.loop_form('scan'):  # the form is read at trace time: compile inside
       timing.sync(scan(victim.logits_fn, xj, yj, key))
     fns['scan'] = lambda: scan(victim.logits_fn, xj, yj, key)

@@ -47,9 +47,20 @@ def main(argv=None) -> int:
   parser.add_argument('--json', help='also write the raw results to this JSON file')
   parser.add_argument('--repeats', type=int, help='timed rounds per measurement (default 5, '
                       'smoke 1)')
+  parser.add_argument('--from_json', metavar='JSON',
+                      help='measure nothing: re-render the Markdown from a --json file of an '
+                      'earlier run (to --out, default BENCHMARKS.md)')
   args = parser.parse_args(argv)
 
   from benchmarks import report, timing  # pylint: disable=import-outside-toplevel
+  if args.from_json:
+    with open(args.from_json) as f:
+      rows, meta = report.from_json(json.load(f))
+    out = args.out or os.path.join(REPO, 'BENCHMARKS.md')
+    with open(out, 'w') as f:
+      f.write(report.markdown(rows, meta, list(meta['durations'])))
+    print(f'wrote {out} ({len(rows)} rows) from {args.from_json}')
+    return 0
   names = list(args.only or BENCHMARKS)
   if args.out:
     out = args.out

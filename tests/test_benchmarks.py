@@ -104,3 +104,10 @@ def test_smoke_command_writes_every_row(tmp_path):
   assert all(('PyTorch' in r) == has_torch for r in refs), refs
   if not has_torch:
     assert all(r == 'torch not installed' for r in refs)
+  # The raw JSON re-renders the same Markdown without measuring anything.
+  again = tmp_path / 'again.md'
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'run.py'), '--from_json',
+                         str(raw), '--out', str(again)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert again.read_text() == text

@@ -318,6 +318,10 @@ _copies: list[int] = [1]
 def loop_form(form: str) -> Iterator[None]:
   """Forces a loop form while tracing (benchmarks, tests). Applies to functions traced inside.
 
+  JAX caches traces per function object, so jit a fresh one inside the context (a new
+  `functools.partial`, as below): a function already traced outside keeps its cached form, and one
+  first traced inside hands the forced form to every later `jax.jit` of the same object.
+
   Example:
     >>> with loop_form('fori'):
     ...   x_adv = jax.jit(functools.partial(pgd_linf, eps=8/255))(logits_fn, x, y, key)
