@@ -79,12 +79,14 @@ def _kde_rows(settings, victim, device):
   t = timing.compare(fns, repeats=settings.repeats, warmup=1)
   exact = kde_bruteforce_f64(qz, pred, tz, ty, h)
   err_ours = float(np.max(np.abs(fns['ours']() - exact)))
+  rel_ours = float(np.max(np.abs(fns['ours']() - exact) / np.maximum(1.0, np.abs(exact))))
   skl_err = np.abs(fns['sklearn']() - exact)
   err_skl = float(np.max(skl_err))
   bad_skl = int(np.sum(skl_err > 1.0))
   work = (f'KDE log p(z|pred), {n_query} queries x {n_train} train points, d={tz.shape[1]}, '
           f'h={h:.3g}')
-  check = (f'max |error| vs float64 brute force: ours {err_ours:.1e}, sklearn {err_skl:.1e} nats '
+  check = (f'max |error| vs float64 brute force: ours {err_ours:.1e} (relative {rel_ours:.1e}), '
+           f'sklearn {err_skl:.1e} nats '
            f'(|log p| up to {np.max(np.abs(exact)):.0f}; sklearn off by > 1 nat on {bad_skl} of '
            f'{n_query} queries)')
   print(f'    KDE: ours {t["ours"].wall:.3f} s, sklearn {t["sklearn"].wall:.3f} s, numpy f64 '
@@ -92,7 +94,8 @@ def _kde_rows(settings, victim, device):
   return [
       timing.Row(NAME, work, 'scikit-learn KernelDensity (per class)', 'closeness.kde_log_density',
                  t['sklearn'], t['ours'], check=check, device=device, date=settings.date,
-                 extra={'err_ours': err_ours, 'err_sklearn': err_skl, 'bad_sklearn': bad_skl,
+                 extra={'err_ours': err_ours, 'rel_ours': rel_ours, 'err_sklearn': err_skl,
+                        'bad_sklearn': bad_skl,
                         'queries': n_query}),
       timing.Row(NAME, work, 'NumPy float64 brute force', 'closeness.kde_log_density',
                  t['numpy'], t['ours'], check=f'ours max |error| {err_ours:.1e} nats',

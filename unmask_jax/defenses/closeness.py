@@ -130,31 +130,38 @@ def kde_log_density(z, classes, train_z, train_y, bandwidths, *, chunk: int = 25
   if np.any(~np.isfinite(h)) or np.any(h <= 0):
     raise ValueError(f'KDE bandwidths must be finite and > 0, got {h}')
   d = z.shape[1]
+  classes = np.asarray(classes, np.int32)
   # Centre on the training mean: distances are unchanged, float32 cancellation error shrinks.
   center = train_z.mean(axis=0)
-  train_c = train_z - center
-  pad = -len(train_c) % train_chunk
-  train_c = np.concatenate([train_c, np.zeros((pad, d), np.float32)])
-  train_yp = np.concatenate([train_y, np.full(pad, -1, np.int32)])
-  # Put the training set on device once, not once per query chunk.
-  t_z, t_y = jnp.asarray(train_c), jnp.asarray(train_yp)
-  t_sq = jnp.sum(jnp.square(t_z), axis=-1)
+  train_c, zc = train_z - center, z - center
   inv = jnp.asarray(1.0 / (2.0 * h * h), jnp.float32)
-  rows = {'z': z - center, 'c': np.asarray(classes, np.int32)}
-  n = len(z)
-  outs = []
-  for start in range(0, n, chunk):
-    zb, cb = rows['z'][start:start + chunk], rows['c'][start:start + chunk]
-    k = len(zb)
-    if k < chunk:  # Pad the last chunk so the jitted function keeps one shape.
-      zb = np.concatenate([zb, np.repeat(zb[:1], chunk - k, 0)])
-      cb = np.concatenate([cb, np.repeat(cb[:1], chunk - k, 0)])
-    outs.append(np.asarray(_class_logsumexp(zb, cb, t_z, t_sq, t_y, inv, train_chunk))[:, :k])
-  lse = np.concatenate(outs, axis=1).astype(np.float64)
-  counts = np.bincount(train_y, minlength=int(rows['c'].max()) + 1)[rows['c']]
-  log_n = np.log(np.maximum(counts, 1).astype(np.float64))
+  lse = np.full((len(h), len(z)), -np.inf)  # stays -inf for a class without training points
+  log_n = np.zeros(len(z))
+  # One class at a time: each query meets only its class's training points, not all of them
+  # (C times less work than masking a full distance matrix).
+  for c in np.unique(classes):
+    q = np.flatnonzero(classes == c)
+    t = train_c[train_y == c]
+    if not len(t):
+      continue
+    log_n[q] = np.log(len(t))
+    # Pad to whole blocks (rows labelled -1 are masked out); block sizes round up to 64 training
+    # points and a power of two of queries, so few distinct shapes are ever compiled.
+    t_chunk = min(train_chunk, -(-len(t) // 64) * 64)
+    pad = -len(t) % t_chunk
+    t_z = jnp.asarray(np.concatenate([t, np.zeros((pad, d), np.float32)]))
+    t_y = jnp.asarray(np.concatenate([np.zeros(len(t), np.int32), np.full(pad, -1, np.int32)]))
+    t_sq = jnp.sum(jnp.square(t_z), axis=-1)
+    q_chunk = min(chunk, max(16, 1 << int(np.ceil(np.log2(len(q))))))
+    for start in range(0, len(q), q_chunk):
+      idx = q[start:start + q_chunk]
+      zb = zc[idx]
+      k = len(zb)
+      if k < q_chunk:  # Pad the last block so the jitted function keeps one shape.
+        zb = np.concatenate([zb, np.repeat(zb[:1], q_chunk - k, 0)])
+      out = _class_logsumexp(zb, jnp.zeros(q_chunk, jnp.int32), t_z, t_sq, t_y, inv, t_chunk)
+      lse[:, idx] = np.asarray(out)[:, :k]
   log_p = lse - log_n[None] - 0.5 * d * np.log(2.0 * np.pi * h * h)[:, None]
-  log_p[:, counts == 0] = -np.inf  # No training point of that class: density 0.
   log_p = log_p.astype(np.float32)
   return log_p[0] if scalar else log_p
 
