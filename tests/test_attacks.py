@@ -554,3 +554,37 @@ def test_loop_forms_agree():
   assert common.current_loop_form(common.MAX_UNROLL + 1) == 'scan'
   with common._repeated(common.MAX_UNROLL):
     assert common.current_loop_form(2) == 'scan'
+
+
+@pytest.mark.parametrize('form', common.LOOP_FORMS)
+def test_iterate_until_stops_when_done_and_equals_iterate(form):
+  body = lambda i, c: (c[0] + 1, c[1] + jnp.where(c[1] < 3.0, 1.0, 0.0))
+  with common.loop_form(form):
+    # Counts the iterations run: done after 3 (the 4th would be a no-op for the second element).
+    count, val = jax.jit(lambda c: common.iterate_until(body, c, 10, lambda c: c[1] >= 3.0))(
+        (jnp.asarray(0), jnp.asarray(0.0)))
+    _, full = jax.jit(lambda c: common.iterate(body, c, 10))((jnp.asarray(0), jnp.asarray(0.0)))
+  # Rolled forms leave the loop; the unrolled form runs every step (faster on XLA:CPU than conds).
+  assert int(count) == (10 if form == 'unrolled' else 3) and float(val) == float(full) == 3.0
+  with common.loop_form(form):  # never done: all iterations run
+    count, _ = jax.jit(lambda c: common.iterate_until(body, c, 5, lambda c: c[1] > 99.0))(
+        (jnp.asarray(0), jnp.asarray(0.0)))
+  assert int(count) == 5
+
+
+def test_deepfool_early_exit_equals_the_fixed_count():
+  """Skipping the iterations after every example is frozen changes nothing in the result."""
+  fn = Partial(mlp_apply, ((normal(1, (D, 8)), jnp.zeros(8)), (normal(2, (8, 3)), jnp.zeros(3))))
+  x = uniform(3, (4,) + SHAPE)
+  y = jnp.asarray(np.asarray(fn(x)).argmax(-1), jnp.int32)
+  with common.loop_form('scan'):
+    fast = jax.jit(functools.partial(deepfool, steps=30))(fn, x, y, KEY)
+  iterate_until = common.iterate_until
+  try:  # the same attack with the early exit disabled
+    common.iterate_until = lambda body, carry, steps, done: common.iterate(body, carry, steps)
+    with common.loop_form('scan'):
+      slow = jax.jit(functools.partial(deepfool, steps=30, overshoot=0.02))(fn, x, y, KEY)
+  finally:
+    common.iterate_until = iterate_until
+  assert np.mean(np.asarray(fn(fast)).argmax(-1) != np.asarray(y)) == 1.0
+  np.testing.assert_allclose(fast, slow, atol=1e-6)

@@ -86,7 +86,10 @@ def deepfool(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float 
     return r_tot + jnp.where(active[:, None, None, None], r_i, 0.0), active
 
   active0 = jnp.ones(y.shape, bool)
-  r_tot, _ = common.iterate(body, (jnp.zeros_like(x), active0), steps)
+  # Once every example is frozen the remaining iterations change nothing: rolled loop forms leave
+  # the loop then, as the reference implementation does (see iterate_until for the unrolled one).
+  r_tot, _ = common.iterate_until(body, (jnp.zeros_like(x), active0), steps,
+                                  lambda carry: ~jnp.any(carry[1]))
   x_adv = common.clip_pixels(x + (1.0 + overshoot) * r_tot)
   if eps is not None:
     x_adv = common.project_l2(x_adv, x, eps)
