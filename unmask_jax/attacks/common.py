@@ -236,6 +236,14 @@ def check_batch(x: Array, y: Array) -> None:
     raise ValueError(f'y must hold integer class indices, got dtype {y.dtype}')
 
 
+def check_min_norm_args(x: Array, y: Array, eps: Any, steps: Any) -> None:
+  """The checks shared by the minimum-norm L2 attacks (CW, DeepFool): eps is optional there."""
+  check_batch(x, y)
+  if eps is not None:
+    check_eps('l2', eps, x.shape[1:])
+  check_steps(steps)
+
+
 def default_step_size(eps: float, steps: int, step_size: float | None) -> float:
   """`step_size` if given, else DEFAULT_REL_STEP * eps / steps (eps may be traced)."""
   if step_size is None:

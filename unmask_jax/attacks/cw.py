@@ -53,10 +53,7 @@ def cw_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float | N
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   del key
-  common.check_batch(x, y)
-  if eps is not None:
-    common.check_eps('l2', eps, x.shape[1:])
-  common.check_steps(steps)
+  common.check_min_norm_args(x, y, eps, steps)
   common.check_steps(binary_search_steps, 'binary_search_steps')
   common.check_positive(initial_const, 'initial_const')
   common.check_positive(lr, 'lr')

@@ -46,10 +46,7 @@ def deepfool(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float 
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   del key
-  common.check_batch(x, y)
-  if eps is not None:
-    common.check_eps('l2', eps, x.shape[1:])
-  common.check_steps(steps)
+  common.check_min_norm_args(x, y, eps, steps)
   common.check_positive(overshoot, 'overshoot', allow_zero=True)
   common.check_steps(candidates, 'candidates')
 
