@@ -20,17 +20,21 @@ import numpy as np
 
 from benchmarks import timing, victims
 from unmask_jax.data import parts
-from unmask_jax.defenses import closeness, uncertainty, unmask
+from unmask_jax.defenses import base, closeness, uncertainty, unmask
 from unmask_jax.models import functional
 
 NAME = 'detection'
 
 
+@jax.jit
+def _apply(fn, x):
+  return fn(x)
+
+
 def _features(victim, x, chunk=256):
-  f = jax.jit(lambda fn, v: fn(v))
+  """M's feature vectors of images `x`, `chunk` at a time (the last chunk padded: one shape)."""
   ffn = functional.features_fn(victim.model)
-  out = [np.asarray(f(ffn, x[i:i + chunk])) for i in range(0, len(x), chunk)]
-  return np.concatenate(out)
+  return base.map_chunks(lambda v, _: {'z': _apply(ffn, v)}, x, chunk)['z']
 
 
 def kde_bruteforce_f64(z, classes, train_z, train_y, h: float, chunk: int = 256) -> np.ndarray:
@@ -76,11 +80,12 @@ def _kde_rows(settings, victim, device):
       'sklearn': lambda: kde_sklearn(qz, pred, tz, ty, h),
       'numpy': lambda: kde_bruteforce_f64(qz, pred, tz, ty, h),
   }
-  t = timing.compare(fns, repeats=settings.repeats, warmup=1)
-  exact = kde_bruteforce_f64(qz, pred, tz, ty, h)
-  err_ours = float(np.max(np.abs(fns['ours']() - exact)))
-  rel_ours = float(np.max(np.abs(fns['ours']() - exact) / np.maximum(1.0, np.abs(exact))))
-  skl_err = np.abs(fns['sklearn']() - exact)
+  outs = {}
+  t = timing.compare(fns, repeats=settings.repeats, warmup=1, outputs=outs)
+  exact = outs['numpy']  # the float64 brute force is the exactness reference
+  err_ours = float(np.max(np.abs(outs['ours'] - exact)))
+  rel_ours = float(np.max(np.abs(outs['ours'] - exact) / np.maximum(1.0, np.abs(exact))))
+  skl_err = np.abs(outs['sklearn'] - exact)
   err_skl = float(np.max(skl_err))
   bad_skl = int(np.sum(skl_err > 1.0))
   work = (f'KDE log p(z|pred), {n_query} queries x {n_train} train points, d={tz.shape[1]}, '
@@ -127,16 +132,17 @@ def _mc_rows(settings, victim, device, torch):
         return torch.stack([torch.softmax(tmodel(xt, mc_dropout=True), -1) for _ in range(T)])
 
     fns.update(timing.torch_contenders(torch, torch_loop, 'torch'))
+  outs = {}
   t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1),
-                     alternatives=timing.torch_pair('torch'))
-  ours = np.asarray(fns['ours']())
-  diff = float(np.max(np.abs(ours - np.asarray(loop()))))
+                     alternatives=timing.torch_pair('torch'), outputs=outs)
+  ours = np.asarray(outs['ours'])
+  diff = float(np.max(np.abs(ours - np.asarray(outs['loop']))))
   work = f'MC dropout T={T}, {victim.name}, batch {batch} 32x32'
   rows = [timing.Row(NAME, work, f'Python loop of {T} jitted passes (JAX, same keys)',
                      'uncertainty.mc_probabilities (vmap)', t['loop'], t['ours'],
                      check=f'max |prob difference| {diff:.1e}', device=device, date=settings.date)]
   if torch is not None:
-    ref = fns['torch']().numpy()
+    ref = outs['torch'].numpy()
     ent = lambda p: float(np.mean(-(p.mean(0) * np.log(p.mean(0) + 1e-12)).sum(-1)))
     ref_t, threads = timing.best_torch(t, 'torch')
     rows.append(timing.Row(NAME, work, f'PyTorch eager loop of {T} passes ({threads} thread'
@@ -202,9 +208,10 @@ def _jaccard_rows(settings, device):
   fns = {'ours': lambda: _jaccard_jax(extracted, predicted, v),
          'python': lambda: jaccard_python_sets(extracted, predicted, class_parts),
          'numpy': lambda: jaccard_numpy(extracted, predicted, v)}
-  t = timing.compare(fns, repeats=settings.repeats, warmup=1)
-  s_ours, r_ours = (np.asarray(a) for a in fns['ours']())
-  s_py, r_py = fns['python']()
+  outs = {}
+  t = timing.compare(fns, repeats=settings.repeats, warmup=1, outputs=outs)
+  s_ours, r_ours = (np.asarray(a) for a in outs['ours'])
+  s_py, r_py = outs['python']
   same = (np.max(np.abs(s_ours - s_py)) < 1e-5) and np.array_equal(r_ours, r_py)
   check = ('scores and rectified classes identical' if same
            else 'CHECK FAILED: results differ from the Python-sets reference')

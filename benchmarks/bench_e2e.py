@@ -16,8 +16,7 @@ import os
 from benchmarks import timing
 
 NAME = 'e2e'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE_LOG = os.path.join(REPO, 'runs', 'main', 'stage_seconds.jsonl')
+STAGE_LOG = os.path.join(timing.REPO, 'runs', 'main', 'stage_seconds.jsonl')
 NOT_MEASURED = 'not measured: run main.py first'
 MIN_TRAIN_S = 10.0  # a cached (already trained) stage returns in a few seconds
 

@@ -55,11 +55,12 @@ def _k_rows(settings, device, torch):
       torch_models.check_same_logits(k, tmodel, x[:2])
       xt = torch_models.to_torch_images(x, channels_last=True)
       fns.update(timing.torch_contenders(torch, lambda xt=xt: _torch_parts(torch, tmodel, xt)))
+    outs = {}
     t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1),
-                       alternatives=timing.torch_pair())
+                       alternatives=timing.torch_pair(), outputs=outs)
     ref_t, threads = timing.best_torch(t) if tmodel is not None else (timing.NOT_INSTALLED, 0)
     if tmodel is not None:
-      agree = float(np.mean(np.asarray(fns['ours']()) == fns['ref']().numpy()))
+      agree = float(np.mean(np.asarray(outs['ours']) == outs['ref'].numpy()))
       check = f'part sets agree on {100 * agree:.2f}% of (image, part) pairs'
       if agree < 0.99:
         check = 'CHECK FAILED: ' + check
@@ -89,8 +90,9 @@ def _dip_rows(settings, device):
                                                       check_every=iters, chunk=n),
          'single': lambda: deep_protection.dip_restore(x, key, iters=iters, cfg=cfg,
                                                        check_every=iters, chunk=1)}
-  t = timing.compare(fns, repeats=settings.n(3, 1), warmup=1)
-  diff = float(np.max(np.abs(fns['batch']()['restored'] - fns['single']()['restored'])))
+  outs = {}
+  t = timing.compare(fns, repeats=settings.n(3, 1), warmup=1, outputs=outs)
+  diff = float(np.max(np.abs(outs['batch']['restored'] - outs['single']['restored'])))
   per_min = lambda tm: 60 * n / tm.wall
   print(f'    DIP: batch {per_min(t["batch"]):.1f} img/min, one by one '
         f'{per_min(t["single"]):.1f} img/min; max |difference| {diff:.1e}', flush=True)

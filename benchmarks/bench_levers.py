@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import glob
 import gzip
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import jax
@@ -40,7 +39,6 @@ from unmask_jax.attacks import common, pgd
 from unmask_jax.models import cnn, functional
 
 NAME = 'levers'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS, STEP = 8 / 255, 2 / 255
 # XLA:CPU flags tried (each in its own process). '' = defaults, as the main table.
 # With --xla_force_host_platform_device_count=2 the worker shards the batch over the 2 devices.
@@ -70,12 +68,11 @@ class CNNSmallOldPool(cnn.CNNSmall):
 def old_pool_twin(model):
   """A CNNSmallOldPool holding `model`'s weights (eval mode)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  graphdef, state = nnx.split(model)
+  state = nnx.state(model)
   twin = nnx.eval_shape(lambda: CNNSmallOldPool(
       num_classes=model.num_classes, in_channels=model.in_channels,
       widths=[c.out_features for c in model.convs], feature_dim=model.feature_dim,
       dropout=model.dropout.rate, mean=model.mean, std=model.std, rngs=nnx.Rngs(0)))
-  del graphdef
   nnx.update(twin, state)
   twin.eval()
   return twin
@@ -121,7 +118,8 @@ def _setup(settings, torch):
     place = lambda tree: tree
   attack = functools.partial(pgd.pgd_linf, eps=EPS, step_size=STEP, steps=steps)
   s = {'victim': victim, 'x': x, 'y': y, 'xj': xj, 'yj': yj, 'key': key, 'attack': attack,
-       'batch': batch, 'steps': steps, 'place': place}
+       'batch': batch, 'steps': steps, 'place': place,
+       'old_fn': functional.logits_fn(old_pool_twin(victim.model))}  # the nnx.max_pool model
   if torch is not None:
     from benchmarks import torch_attacks, torch_models  # pylint: disable=import-outside-toplevel
     tm = torch_models.from_nnx(victim.model)
@@ -163,7 +161,7 @@ def _variants(s, torch, include=('library', 'scan', 'old_pool', 'nchw')):
     fns['scan'] = lambda: scan(victim.logits_fn, xj, yj, key)
   if 'old_pool' in include:
     old = jax.jit(attack)
-    ofn = place(functional.logits_fn(old_pool_twin(victim.model)))
+    ofn = place(s['old_fn'])
     fns['old_pool'] = lambda: old(ofn, xj, yj, key)
   if 'nchw' in include:
     nchw = jax.jit(attack)
@@ -185,14 +183,6 @@ def _variants(s, torch, include=('library', 'scan', 'old_pool', 'nchw')):
   return fns
 
 
-def best_reference(res: dict) -> tuple[dict | None, str]:
-  """The faster PyTorch channels_last result (all cores or 1 thread), as the reference."""
-  cands = [(res[k], k) for k in ('torch_cl', 'torch_cl_1thread') if k in res]
-  if not cands:
-    return None, ''
-  return min(cands, key=lambda c: c[0]['wall'])
-
-
 def _success(s, out):
   if hasattr(out, 'permute'):
     from benchmarks import torch_models  # pylint: disable=import-outside-toplevel
@@ -201,15 +191,13 @@ def _success(s, out):
 
 
 def _measure(settings, torch, include):
+  """Times the variants: ({name: Timing}, {name: attack success rate}, the setup)."""
   s = _setup(settings, torch)
   fns = _variants(s, torch, include)
+  outs = {}
   t = timing.compare(fns, repeats=settings.repeats, warmup=settings.n(2, 1),
-                     alternatives=(('torch_cl', 'torch_cl_1thread'),))
-  out = {}
-  for name, tm in t.items():
-    out[name] = {'wall': tm.wall, 'cpu': tm.cpu, 'walls': tm.walls, 'cpus': tm.cpus,
-                 'first_call': tm.first_call, 'success': _success(s, fns[name]())}
-  return out, s
+                     alternatives=(timing.TORCH_REFERENCES,), outputs=outs)
+  return t, {name: _success(s, outs[name]) for name in t}, s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +264,7 @@ def _profile(settings, torch, s):
   out = {}
   grad = jax.jit(lambda f, v: common.loss_and_grad(f, common.cross_entropy, v, yj)[1])
   fwd = jax.jit(lambda f, v: f(v))
-  old_fn = functional.logits_fn(old_pool_twin(victim.model))
+  old_fn = s['old_fn']
   fns = {'jax fwd': lambda: fwd(victim.logits_fn, xj), 'jax grad': lambda: grad(victim.logits_fn, xj),
          'jax fwd (nnx.max_pool)': lambda: fwd(old_fn, xj),
          'jax grad (nnx.max_pool)': lambda: grad(old_fn, xj)}
@@ -313,25 +301,19 @@ def _profile(settings, torch, s):
 def _flag_worker(args) -> None:
   settings = timing.Settings(smoke=args.smoke, repeats=args.repeats)
   torch = timing.torch_or_none()
-  out, _ = _measure(settings, torch, ('library', 'old_pool'))
+  t, success, _ = _measure(settings, torch, ('library', 'old_pool'))
+  out = {name: dict(dataclasses.asdict(tm), success=success[name]) for name, tm in t.items()}
   out['devices'] = jax.device_count()
   print('RESULT ' + json.dumps(out), flush=True)
 
 
 def _run_flag(flags: str, settings) -> dict:
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + flags).strip()
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  cmd = [sys.executable, '-m', 'benchmarks.bench_levers', '--worker', '--repeats',
-         str(settings.repeats)] + (['--smoke'] if settings.smoke else [])
-  with tempfile.TemporaryFile('w+') as err:
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                          check=False)
-    if proc.returncode != 0:
-      err.seek(0)
-      return {'error': err.read()[-400:]}
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  return json.loads(line[len('RESULT '):])
+  """The worker's results under XLA_FLAGS += `flags`, or {'error': its stderr's tail}."""
+  args = ['--worker', '--repeats', str(settings.repeats)] + (['--smoke'] if settings.smoke else [])
+  try:
+    return timing.run_worker('benchmarks.bench_levers', args, flags)
+  except timing.WorkerError as e:
+    return {'error': e.stderr[-400:]}
 
 
 LABELS = {
@@ -352,27 +334,25 @@ def run(settings: timing.Settings) -> list[timing.Row]:
   torch = timing.torch_or_none()
   device = timing.device_label()
   print('  in-process variants', flush=True)
-  res, s = _measure(settings, torch, ('library', 'old_pool') if settings.smoke
-                    else ('library', 'old_pool', 'scan', 'nchw', 'bf16', 'donate'))
-  ref, ref_name = best_reference(res)
+  t, success, s = _measure(settings, torch, ('library', 'old_pool') if settings.smoke
+                           else ('library', 'old_pool', 'scan', 'nchw', 'bf16', 'donate'))
+  ref, ref_name = timing.fastest_reference(t)
+  ref_label, ref_t = ((LABELS[ref_name], ref) if ref is not None
+                      else (timing.NOT_INSTALLED, timing.NOT_INSTALLED))
   victim = s['victim']
   same = float(np.max(np.abs(
-      np.asarray(functional.logits_fn(old_pool_twin(victim.model))(s['x']))
-      - np.asarray(victim.logits_fn(s['x'])))))
+      np.asarray(s['old_fn'](s['x'])) - np.asarray(victim.logits_fn(s['x'])))))
   print(f'    nnx.max_pool model: max |logit difference| to the library model {same:.1e}',
         flush=True)
   rows = []
-  for name, r in res.items():
-    tm = timing.Timing(r['wall'], r['cpu'], r['walls'], r['cpus'], r['first_call'])
-    rtm = (timing.Timing(ref['wall'], ref['cpu'], ref['walls'], ref['cpus'], ref['first_call'])
-           if ref else timing.NOT_INSTALLED)
+  for name, tm in t.items():
     rows.append(timing.Row(
         NAME, f'PGD-{s["steps"]} L∞ cnn_small, batch {s["batch"]}: {LABELS[name]}',
-        LABELS[ref_name] if ref else timing.NOT_INSTALLED, name, rtm, tm,
-        check=f'success {100 * r["success"]:.1f}%', device=device, date=settings.date,
+        ref_label, name, ref_t, tm,
+        check=f'success {100 * success[name]:.1f}%', device=device, date=settings.date,
         extra={'variant': name, 'old_pool_logit_diff': same}))
-    print(f'    {name}: {r["wall"]:.3f} s wall, {r["cpu"]:.3f} s CPU, success '
-          f'{100 * r["success"]:.1f}%', flush=True)
+    print(f'    {name}: {tm.wall:.3f} s wall, {tm.cpu:.3f} s CPU, success '
+          f'{100 * success[name]:.1f}%', flush=True)
   flags = {}
   for f in (FLAGS if not settings.smoke else ()):  # smoke: no extra processes
     print(f'  XLA_FLAGS={f or "(defaults)"}', flush=True)

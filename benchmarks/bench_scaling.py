@@ -19,18 +19,14 @@ Worker mode (used by run()):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 
 from benchmarks import timing
 
 NAME = 'scaling'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(args) -> None:
@@ -55,38 +51,31 @@ def _worker(args) -> None:
     xs, ys = jax.device_put(x, data), jax.device_put(y, data)
     fn = jax.device_put(victim.logits_fn, rep)
     fns[f'sharded{use}'] = functools.partial(attack, fn, xs, ys, jax.device_put(key, rep))
-  t = timing.compare(fns, repeats=args.repeats, warmup=args.warmup)
-  ref = np.asarray(fns['single']())
+  outs = {}
+  t = timing.compare(fns, repeats=args.repeats, warmup=args.warmup, outputs=outs)
+  ref = np.asarray(outs['single'])
   out = {'batch': args.batch, 'steps': args.steps, 'devices': args.devices,
          'weights': victim.weights, 'results': {}}
   for name, tm in t.items():
-    adv = fns[name]()
+    adv = outs[name]
     shards = len(adv.sharding.device_set)
     adv = np.asarray(adv)
     succ = float(np.mean(victims.predictions(victim.logits_fn, adv) != y))
-    out['results'][name] = {'wall': tm.wall, 'cpu': tm.cpu, 'walls': tm.walls, 'cpus': tm.cpus,
-                            'first_call': tm.first_call, 'max_diff': float(np.max(np.abs(adv - ref))),
-                            'success': succ, 'shards': shards}
+    out['results'][name] = dict(dataclasses.asdict(tm), max_diff=float(np.max(np.abs(adv - ref))),
+                                success=succ, shards=shards)
   print('RESULT ' + json.dumps(out), flush=True)
 
 
 def _run_worker(devices: int, use: list[int], settings: timing.Settings) -> dict:
-  env = dict(os.environ)
-  flags = env.get('XLA_FLAGS', '')
-  env['XLA_FLAGS'] = (flags + f' --xla_force_host_platform_device_count={devices}').strip()
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  cmd = [sys.executable, '-m', 'benchmarks.bench_scaling', '--worker', '--devices', str(devices),
-         '--use', ','.join(map(str, use)), '--batch', str(settings.n(128, 4)),
-         '--steps', str(settings.n(20, 1)), '--repeats', str(settings.repeats),
-         '--warmup', str(settings.n(2, 1))] + (['--trained'] if not settings.smoke else [])
-  with tempfile.TemporaryFile('w+') as err:
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                          check=False)
-    if proc.returncode != 0:
-      err.seek(0)
-      raise RuntimeError(f'scaling worker failed ({" ".join(cmd)}):\n{err.read()[-3000:]}')
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  return json.loads(line[len('RESULT '):])
+  args = ['--worker', '--devices', str(devices), '--use', ','.join(map(str, use)),
+          '--batch', str(settings.n(128, 4)), '--steps', str(settings.n(20, 1)),
+          '--repeats', str(settings.repeats), '--warmup', str(settings.n(2, 1))] + (
+              ['--trained'] if not settings.smoke else [])
+  try:
+    return timing.run_worker('benchmarks.bench_scaling', args,
+                             f'--xla_force_host_platform_device_count={devices}')
+  except timing.WorkerError as e:
+    raise RuntimeError(f'scaling worker failed ({" ".join(e.cmd)}):\n{e.stderr[-3000:]}') from None
 
 
 def run(settings: timing.Settings) -> list[timing.Row]:
@@ -104,13 +93,13 @@ def run(settings: timing.Settings) -> list[timing.Row]:
                f'shard(s), success {100 * s["success"]:.1f}%')
       if not ok:
         check = 'CHECK FAILED: ' + check
-      mk = lambda d: timing.Timing(d['wall'], d['cpu'], d['walls'], d['cpus'], d['first_call'])
       print(f'    {u} device(s): sharded {res["batch"] / s["wall"]:.0f} img/s, unsharded '
             f'{res["batch"] / single["wall"]:.0f} img/s; {check}', flush=True)
       rows.append(timing.Row(
           NAME, f'PGD-{res["steps"]} L∞ cnn_small, batch {res["batch"]} sharded over {u} forced host '
           f'device(s) (process with {devices})', 'same attack unsharded on 1 device',
-          'jit with NamedSharding(batch axis)', mk(single), mk(s), check=check,
+          'jit with NamedSharding(batch axis)', timing.Timing.from_dict(single),
+          timing.Timing.from_dict(s), check=check,
           device=f'{device}, {u} virtual device(s)', date=settings.date, unit='img/s',
           work=res['batch'], extra={'failed': not ok}))
   return rows

@@ -68,7 +68,7 @@ def to_json(rows, meta) -> dict:
 def from_json(data: dict) -> tuple[list[timing.Row], dict]:
   """The inverse of `to_json`: (rows, meta), timings as `timing.Timing` again."""
   def as_timing(v):
-    return timing.Timing(**v) if isinstance(v, dict) else v
+    return timing.Timing.from_dict(v) if isinstance(v, dict) else v
   rows = [timing.Row(**dict(r, ref=as_timing(r['ref']), ours=as_timing(r['ours'])))
           for r in data['rows']]
   return rows, data['meta']
@@ -161,9 +161,8 @@ def _goal_section(rows) -> list[str]:
     share = (f' ({100 * pool / sum(kinds.values()):.0f}% of the gradient step\'s XLA:CPU thunk '
              'time)' if pool and kinds else '')
     fresh = flags.get('') or {}
-    refs = [fresh[k] for k in ('torch_cl', 'torch_cl_1thread') if k in fresh]
-    if fresh.get('library') and fresh.get('old_pool') and refs:
-      ref = min(refs, key=lambda r: r['wall'])
+    ref, _ = timing.fastest_reference(fresh)
+    if fresh.get('library') and fresh.get('old_pool') and ref is not None:
       l_w, f_w, r_w = fresh['old_pool']['wall'], fresh['library']['wall'], ref['wall']
       where = 'in a fresh process with only these contenders'
     else:
@@ -200,8 +199,7 @@ def _goal_section(rows) -> list[str]:
           f'mostly one at a time (CPU/wall {j["cpu"] / j["wall"]:.2f}, part of it spinning).')
     shard = next((v for k, v in flags.items() if 'device_count=2' in k and 'library' in v), None)
     if shard and shard.get('torch_cl'):
-      shard = dict(shard, torch_cl=min((shard[k] for k in ('torch_cl', 'torch_cl_1thread')
-                                        if k in shard), key=lambda r: r['wall']))
+      shard = dict(shard, torch_cl=timing.fastest_reference(shard)[0])
       out.append(
           f'3. Using both cores from JAX: sharding the batch over 2 forced host devices runs the '
           f'two halves in parallel; PGD-20 then takes '
@@ -351,8 +349,7 @@ def _levers_section(rows) -> list[str]:
       if res.get('devices', 1) > 1:
         f += f' (batch sharded over {res["devices"]} devices)'
       lib, fast = res.get('library'), res.get('old_pool')
-      refs = [res[k] for k in ('torch_cl', 'torch_cl_1thread') if k in res]
-      ref = min(refs, key=lambda r: r['wall']) if refs else None
+      ref, _ = timing.fastest_reference(res)
       rr = lambda a: f'{ref["wall"] / a["wall"]:.2f}x' if (ref and a) else 'n/a'
       out.append(f'| `{f or "(defaults)"}` | {lib["wall"]:.3f} | {fast["wall"]:.3f} | '
                  f'{ref["wall"] if ref else float("nan"):.3f} | {rr(lib)} | {rr(fast)} |')

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -19,6 +23,8 @@ import jax
 
 # How the table reports a missing reference (e.g. torch not installed).
 NOT_INSTALLED = 'torch not installed'
+# The repository root (benchmarks/ is one level below it).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -35,6 +41,11 @@ class Timing:
     """Average cores busy during a call (CPU time / wall time)."""
     return self.cpu / self.wall if self.wall > 0 else float('nan')
 
+  @classmethod
+  def from_dict(cls, d: dict) -> Timing:
+    """The inverse of `dataclasses.asdict` (other keys of `d`, e.g. a success rate, are ignored)."""
+    return cls(d['wall'], d['cpu'], d['walls'], d['cpus'], d.get('first_call'))
+
 
 def sync(out: Any) -> Any:
   """Blocks until every JAX array in `out` is computed (no-op for numpy / torch values)."""
@@ -50,7 +61,8 @@ def timed_call(fn: Callable[[], Any]) -> tuple[float, float, Any]:
 
 def compare(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
             budget_s: float | None = None,
-            alternatives: tuple[tuple[str, str], ...] = ()) -> dict[str, Timing]:
+            alternatives: tuple[tuple[str, str], ...] = (),
+            outputs: dict | None = None) -> dict[str, Timing]:
   """Times several contenders, interleaved; returns {name: Timing}.
 
   Args:
@@ -63,24 +75,30 @@ def compare(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
     alternatives: pairs of contenders of which only the faster is of interest (PyTorch at all
       cores or at 1 thread): if the last warm-up call of one took over 1.5x the other's, it is
       not timed further (its Timing holds its warm-up calls only).
+    outputs: if given, receives name -> the (synchronised) output of each contender's last call,
+      so that results can be checked without calling the contenders again.
   """
   names = list(fns)
-  first, last = {}, {}
-  warm = {n: ([], []) for n in names}
+  warm = {n: ([], []) for n in names}  # wall and CPU seconds of the warm-up calls
+
+  def call(name):
+    w, c, out = timed_call(fns[name])
+    if outputs is not None:
+      outputs[name] = out
+    return w, c
+
   for name in names:
-    for i in range(max(warmup, 1)):
-      w, c, _ = timed_call(fns[name])
+    for _ in range(max(warmup, 1)):
+      w, c = call(name)
       warm[name][0].append(w)
       warm[name][1].append(c)
-      if i == 0:
-        first[name] = w
-      last[name] = w
   dropped = set()
   for a, b in alternatives:
-    if a in last and b in last:
-      if last[a] > 1.5 * last[b]:
+    if a in warm and b in warm:
+      last_a, last_b = warm[a][0][-1], warm[b][0][-1]
+      if last_a > 1.5 * last_b:
         dropped.add(a)
-      elif last[b] > 1.5 * last[a]:
+      elif last_b > 1.5 * last_a:
         dropped.add(b)
   names = [n for n in names if n not in dropped]
   walls = {n: [] for n in names}
@@ -89,16 +107,16 @@ def compare(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
   for r in range(max(repeats, 1)):
     k = r % len(names)
     for name in names[k:] + names[:k]:
-      w, c, _ = timed_call(fns[name])
+      w, c = call(name)
       walls[name].append(w)
       cpus[name].append(c)
     if budget_s is not None and time.perf_counter() - t0 > budget_s:
       break
   out = {n: Timing(statistics.median(walls[n]), statistics.median(cpus[n]), walls[n], cpus[n],
-                   first.get(n)) for n in names}
+                   warm[n][0][0]) for n in names}
   for n in dropped:
     out[n] = Timing(statistics.median(warm[n][0]), statistics.median(warm[n][1]), warm[n][0],
-                    warm[n][1], first.get(n))
+                    warm[n][1], warm[n][0][0])
   return out
 
 
@@ -198,6 +216,22 @@ def best_torch(t: dict[str, Timing], name: str = 'ref') -> tuple[Timing, int]:
   return t[name], cores()
 
 
+# The PyTorch references of the levers study (bench_levers.py), by their result names, which are
+# also the keys of its raw JSON: channels_last on all cores and on 1 thread.
+TORCH_REFERENCES = ('torch_cl', 'torch_cl_1thread')
+
+
+def fastest_reference(results: dict, names: tuple[str, ...] = TORCH_REFERENCES) -> tuple[Any, str]:
+  """(the fastest of `results[name]` for `names` by median wall time, its name), or (None, '').
+
+  The values are Timings or their dicts (as read back from JSON); ties go to the earlier name.
+  """
+  cands = [(results[k], k) for k in names if k in results]
+  if not cands:
+    return None, ''
+  return min(cands, key=lambda c: c[0]['wall'] if isinstance(c[0], dict) else c[0].wall)
+
+
 def device_label() -> str:
   """'CPU (2 cores)' or e.g. 'GPU (NVIDIA H100 80GB HBM3)' for the JAX default backend."""
   backend = jax.default_backend()
@@ -211,6 +245,35 @@ def device_label() -> str:
 # substring. Used only to express achieved FLOP/s as a share of the peak.
 PEAK_FP32 = {'H200': 67e12, 'H100': 67e12, 'A100': 19.5e12, 'L4': 30.3e12, 'V100': 15.7e12,
              'T4': 8.1e12}
+
+
+class WorkerError(RuntimeError):
+  """A `run_worker` process exited with a non-zero status; `stderr` holds its error output."""
+
+  def __init__(self, cmd: list[str], stderr: str):
+    super().__init__(f'worker failed ({" ".join(cmd)}):\n{stderr[-3000:]}')
+    self.cmd, self.stderr = cmd, stderr
+
+
+def run_worker(module: str, args: list[str], xla_flags: str = '') -> dict:
+  """Runs `python -m module *args` in a fresh process (XLA_FLAGS is read when JAX starts) and
+  returns the JSON of the last stdout line that starts with 'RESULT '.
+
+  The child gets `xla_flags` appended to XLA_FLAGS and the repository on PYTHONPATH. Raises
+  WorkerError if it exits with a non-zero status.
+  """
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  cmd = [sys.executable, '-m', module] + list(args)
+  with tempfile.TemporaryFile('w+') as err:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                          check=False)
+    if proc.returncode != 0:
+      err.seek(0)
+      raise WorkerError(cmd, err.read())
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
 
 
 def compile_all(jobs: list[tuple[Callable, tuple]], workers: int | None = None) -> list[tuple]:

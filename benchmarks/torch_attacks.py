@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from unmask_jax.attacks import apgd as jax_apgd
 
 TINY = 1e-12
 
@@ -166,17 +169,10 @@ def deepfool(model, x, y, *, steps: int = 50, overshoot: float = 0.02, candidate
   return (x + (1 + overshoot) * r_tot).clamp(0, 1).detach()
 
 
-def apgd_schedule(steps: int):
-  """Checkpoints and window lengths of APGD (as `unmask_jax.attacks.apgd.checkpoint_schedule`)."""
-  first, shortest, decrease = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(
-      int(0.03 * steps), 1)
-  out, k, count = {}, first, 0
-  for i in range(steps):
-    count += 1
-    if count == k:
-      out[i] = k
-      k, count = max(k - decrease, shortest), 0
-  return out
+def apgd_schedule(steps: int) -> dict[int, int]:
+  """{checkpoint iteration: its window length} of APGD, from the library's schedule."""
+  is_check, window = jax_apgd.checkpoint_schedule(steps)
+  return {int(i): int(window[i]) for i in np.flatnonzero(is_check)}
 
 
 def apgd(model, x, y, x0, *, norm: str, eps: float, steps: int, rho: float = 0.75,

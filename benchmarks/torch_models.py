@@ -27,7 +27,15 @@ def _t(a) -> torch.Tensor:
   return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
 
 
-def _conv(conv_nnx, stride: int = 1) -> nn.Conv2d:
+def _stride(conv_nnx) -> int:
+  s = conv_nnx.strides
+  if s is None:  # nnx.Conv's default of 1
+    return 1
+  return int(s if isinstance(s, int) else s[0])
+
+
+def _conv(conv_nnx) -> nn.Conv2d:
+  """The Conv2d of an nnx.Conv, with its stride and (explicit, symmetric) padding."""
   k = np.asarray(conv_nnx.kernel[...])
   kh, kw, c_in, c_out = k.shape
   pad = conv_nnx.padding
@@ -36,7 +44,7 @@ def _conv(conv_nnx, stride: int = 1) -> nn.Conv2d:
   (p0, p1), (q0, q1) = pad
   if p0 != p1 or q0 != q1:
     raise ValueError(f'asymmetric padding {pad} has no Conv2d equivalent')
-  conv = nn.Conv2d(c_in, c_out, (kh, kw), stride=stride, padding=(p0, q0),
+  conv = nn.Conv2d(c_in, c_out, (kh, kw), stride=_stride(conv_nnx), padding=(p0, q0),
                    bias=conv_nnx.bias is not None)
   with torch.no_grad():
     conv.weight.copy_(_t(k.transpose(3, 2, 0, 1)))
@@ -102,12 +110,12 @@ class TorchCNNSmall(nn.Module):
 
 
 class _Basic(nn.Module):
-  def __init__(self, b, stride):
+  def __init__(self, b):
     super().__init__()
-    self.conv1, self.bn1 = _conv(b.conv1, stride), _bn(b.bn1)
+    self.conv1, self.bn1 = _conv(b.conv1), _bn(b.bn1)
     self.conv2, self.bn2 = _conv(b.conv2), _bn(b.bn2)
     self.proj = (None if b.proj is None
-                 else nn.Sequential(_conv(b.proj.conv, stride), _bn(b.proj.bn)))
+                 else nn.Sequential(_conv(b.proj.conv), _bn(b.proj.bn)))
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -116,13 +124,13 @@ class _Basic(nn.Module):
 
 
 class _Bottleneck(nn.Module):
-  def __init__(self, b, stride):
+  def __init__(self, b):
     super().__init__()
     self.conv1, self.bn1 = _conv(b.conv1), _bn(b.bn1)
-    self.conv2, self.bn2 = _conv(b.conv2, stride), _bn(b.bn2)
+    self.conv2, self.bn2 = _conv(b.conv2), _bn(b.bn2)
     self.conv3, self.bn3 = _conv(b.conv3), _bn(b.bn3)
     self.proj = (None if b.proj is None
-                 else nn.Sequential(_conv(b.proj.conv, stride), _bn(b.proj.bn)))
+                 else nn.Sequential(_conv(b.proj.conv), _bn(b.proj.bn)))
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -131,23 +139,17 @@ class _Bottleneck(nn.Module):
     return F.relu(y + (x if self.proj is None else self.proj(x)))
 
 
-def _stride(conv_nnx) -> int:
-  s = conv_nnx.strides
-  return int(s if isinstance(s, int) else s[0])
-
-
 class TorchResNet(nn.Module):
   """`unmask_jax.models.resnet.ResNet` (BasicBlock / Bottleneck, imagenet or cifar stem)."""
 
   def __init__(self, m):
     super().__init__()
     self.norm = _Normalize(m.mean, m.std)
-    self.stem_conv = _conv(m.stem_conv, _stride(m.stem_conv))
+    self.stem_conv = _conv(m.stem_conv)
     self.stem_bn = _bn(m.stem_bn)
     self.imagenet_stem = m.stem == 'imagenet'
     block = _Basic if type(m.blocks[0]).__name__ == 'BasicBlock' else _Bottleneck
-    self.blocks = nn.ModuleList(
-        [block(b, _stride(b.conv1 if block is _Basic else b.conv2)) for b in m.blocks])
+    self.blocks = nn.ModuleList([block(b) for b in m.blocks])
     self.fc = _linear(m.fc)
 
   def forward(self, x):

@@ -20,12 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import timing
 from unmask_jax import models
 from unmask_jax.data import parts, synthparts
 from unmask_jax.models import functional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED_M = os.path.join(REPO, 'runs', 'main', 'm_cs3a')
+TRAINED_M = os.path.join(timing.REPO, 'runs', 'main', 'm_cs3a')
 CLASS_SET = 'cs3a'
 M_KWARGS = {'widths': (16, 32, 64), 'feature_dim': 128}
 K_KWARGS = {'width': 16, 'levels': 3}
@@ -89,5 +89,11 @@ def images(n: int, size: int = 32, split: str = 'test') -> dict[str, np.ndarray]
           'parts': np.stack(out['parts'])}
 
 
+@jax.jit
+def _argmax(logits_fn, x):
+  return logits_fn(x).argmax(-1)
+
+
 def predictions(logits_fn, x: np.ndarray) -> np.ndarray:
-  return np.asarray(jax.jit(lambda f, v: f(v).argmax(-1))(logits_fn, x)).astype(np.int32)
+  """The predicted classes [N] int32 (`logits_fn` is a functional.* Partial, a jit argument)."""
+  return np.asarray(_argmax(logits_fn, x)).astype(np.int32)
