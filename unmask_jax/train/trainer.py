@@ -32,6 +32,7 @@ from unmask_jax import data as data_lib
 from unmask_jax import models
 from unmask_jax.data import parts as parts_lib
 from unmask_jax.data import pipeline
+from unmask_jax.models import base as model_base
 from unmask_jax.models import part_extraction
 from unmask_jax.train import checkpoint as ckpt
 from unmask_jax.utils import progress
@@ -83,20 +84,18 @@ def _masked_mean(x, valid):
 
 
 def _loss(task, model, x, batch, key, center_weight: float = 0.0):
-  # Classifiers take a dropout key; the segmenter K has no dropout.
-  if task == 'classifier' and center_weight:
-    # MRR defender (seed 002): CE + lambda * center loss on the L2-normalised features.
-    k_features, k_head = jax.random.split(key)
+  if task == 'classifier':
+    # Features and head separately, with the keys `Classifier.__call__` would derive, so that the
+    # MRR defenders' center loss (seed 002; CE + lambda * center loss) can see the features.
+    k_features, k_head = model_base.split_key(key, 2)
     feats = model.features(x, dropout_key=k_features)
     logits = model.head(feats, dropout_key=k_head)
-  else:
-    logits = model(x, dropout_key=key) if task == 'classifier' else model(x)
-  if task == 'classifier':
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
     if center_weight:
       ce = ce + center_weight * model.center_loss(feats, batch['label'])
     acc = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-  else:
+  else:  # the segmenter K has no dropout
+    logits = model(x)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['mask'].astype(jnp.int32)).mean((1, 2))
     acc = (jnp.argmax(logits, -1) == batch['mask']).astype(jnp.float32).mean((1, 2))
   return _masked_mean(ce, batch['valid']), _masked_mean(acc, batch['valid'])
