@@ -83,6 +83,24 @@ def check_feature_dim(expected: int, got: int, name: str) -> None:
                      f'on {got}-dimensional ones: was it fitted with another model?')
 
 
+def num_classes_of(ctx: Context, labels: np.ndarray) -> int:
+  """M's number of classes, or more if the labels go beyond it."""
+  return max(int(ctx.num_classes or 0), int(np.max(labels)) + 1)
+
+
+def check_all_classes_present(labels: np.ndarray, num_classes: int, name: str) -> np.ndarray:
+  """Per-class counts of `labels`; an error if a class has none.
+
+  A class with no training examples has no density (KDE), mean (KL) or centre and threshold
+  (MRR); scoring an input predicted as it would be undefined, so refuse instead of returning inf.
+  """
+  counts = np.bincount(labels, minlength=num_classes)
+  if np.any(counts == 0):
+    raise ValueError(f'{name}: no training examples for class(es) {np.flatnonzero(counts == 0)}; '
+                     'fit on data that covers every class of M.')
+  return counts
+
+
 def as_partial(fn: Callable, name: str) -> jax.tree_util.Partial:
   """Wraps a context function as a `Partial` so it can be an argument of a jitted function.
 

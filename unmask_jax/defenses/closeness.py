@@ -42,10 +42,6 @@ def features_and_predictions(ctx: base.Context, x, chunk: int) -> tuple[np.ndarr
   return out['features'], out['prediction']
 
 
-def _num_classes(ctx: base.Context, labels: np.ndarray) -> int:
-  return max(int(ctx.num_classes or 0), int(labels.max()) + 1)
-
-
 def _check_data(data: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
   x, y = data['image'], np.asarray(data['label'])
   check_images(x, name)
@@ -53,16 +49,6 @@ def _check_data(data: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f'{name}: labels must be non-negative integers [N] matching the images, '
                      f'got {y.dtype} {y.shape} for {len(x)} images')
   return x, y.astype(np.int32)
-
-
-def _check_all_classes_present(labels: np.ndarray, num_classes: int, name: str) -> np.ndarray:
-  counts = np.bincount(labels, minlength=num_classes)
-  if np.any(counts == 0):
-    # A class with no training activations has no density (KDE) or mean (KL); scoring an input
-    # predicted as it would be undefined, so refuse instead of returning inf.
-    raise ValueError(f'{name}: no training examples for class(es) {np.flatnonzero(counts == 0)}; '
-                     'fit on data that covers every class of M.')
-  return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +216,7 @@ def make_kde(*, bandwidth: float | None = None, chunk: int = 256, train_chunk: i
 
   def fit(ctx, data, key):
     x, y = _check_data(data, name)
-    counts = _check_all_classes_present(y, _num_classes(ctx, y), name)
+    counts = base.check_all_classes_present(y, base.num_classes_of(ctx, y), name)
     z, _ = features_and_predictions(ctx, x, chunk)
     state = {'features': z, 'labels': y, 'class_counts': counts.astype(np.int32)}
     if bandwidth is None:
@@ -311,8 +297,8 @@ def make_kl(*, pmf: str = 'softmax', eps: float = 1e-6, chunk: int = 256) -> bas
   def fit(ctx, data, key):
     del key
     x, y = _check_data(data, name)
-    num_classes = _num_classes(ctx, y)
-    counts = _check_all_classes_present(y, num_classes, name)
+    num_classes = base.num_classes_of(ctx, y)
+    counts = base.check_all_classes_present(y, num_classes, name)
     z, _ = features_and_predictions(ctx, x, chunk)
     _check_non_negative(z, pmf, name)
     sums = np.zeros((num_classes, z.shape[1]), np.float64)

@@ -93,11 +93,8 @@ def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 25
     _check_defenders(ctx, n, name)
     x, y = data['image'], np.asarray(data['label'], np.int64)
     base.check_images(x, name)
-    num_classes = ctx.num_classes or int(y.max()) + 1
-    missing = sorted(set(range(num_classes)) - set(np.unique(y).tolist()))
-    if missing:
-      raise ValueError(f'{name}: no training image of class(es) {missing}; every class needs '
-                       'a centre and a threshold.')
+    num_classes = base.num_classes_of(ctx, y)
+    base.check_all_classes_present(y, num_classes, name)
     feats, _ = _defender_features(ctx, n, x, chunk)
     state = {'n': np.asarray(n), 'sp': np.asarray(sp, np.float64),
              'flag_threshold': np.asarray(1.0, np.float64)}
