@@ -20,10 +20,10 @@ embedded) with `configs/digits_study.py`:
    For every attack x eps an LR combiner (`defenses.combiner`) is fitted on the combiner-fit
    part only: positives = successful adversarial examples of those images, negatives = their
    clean versions and Gaussian-noisy copies (noise std matched to the attack); with
-   `equal_fit_sizes` every attack at one eps gets equally many. The combiner scores the test
-   positives itself (it refuses images it was fitted on); the clean test and threshold images,
-   shared by all attacks, are scored once and mapped through each LR (`lr_decision`, checked
-   against the combiner's own scores on the positives), after `combiner.assert_disjoint`;
+   `equal_fit_sizes` every attack at one eps gets equally many. Member scores of each image set
+   (the positives, and the clean test and threshold images shared by all attacks) are computed
+   once and mapped through each LR (`combiner.lr_decision`), after `combiner.assert_disjoint`
+   has checked that none of the scored images was among those the LR was fitted on;
 5. evaluates on the test split: positives = successful adversarial examples, negatives = their
    clean counterparts (contamination 0.5); ROC AUC, and TPR at 5% (1%) FPR with the threshold
    set on the threshold part's clean validation scores only;
@@ -42,7 +42,6 @@ flipped metrics with their fixed-direction AUC beside them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -59,6 +58,7 @@ from unmask_jax.defenses import combiner
 from unmask_jax.eval import attack_runner, metrics
 from unmask_jax.models import functional
 from unmask_jax.train import checkpoint as ckpt
+from unmask_jax.utils import named_key
 
 UNCERTAINTY = ('confidence', 'entropy', 'variance', 'mutual_information')
 CLOSENESS = ('kde', 'kl')
@@ -77,12 +77,6 @@ STUDY_VERSION = 1
 
 def _log(step: int, msg: str) -> None:
   print(f'[digits {step}/{_STEPS}] {msg}', flush=True)
-
-
-def _key(root: jax.Array, *names) -> jax.Array:
-  """A key named by strings: the same names give the same key in every run."""
-  h = int(hashlib.sha1('/'.join(str(n) for n in names).encode()).hexdigest()[:8], 16)
-  return jax.random.fold_in(root, h)
 
 
 def member_specs(config) -> list[str]:
@@ -136,11 +130,6 @@ def _member_scores(state, ctx, x, key) -> np.ndarray:
   return combiner.member_scores(state, ctx, _pad(x), key)[:len(x)]
 
 
-def lr_decision(state: dict, feats: np.ndarray) -> np.ndarray:
-  """The fitted combiner's decision w . ((s - mu) / sigma) + b on precomputed member scores s."""
-  return combiner.lr_decision(state, feats)
-
-
 def combiner_fit_sets(config, entries, success: dict, pool: np.ndarray) -> dict[str, np.ndarray]:
   """Validation indices each attack's combiner is fitted on: successful attacks in `pool`.
 
@@ -161,15 +150,6 @@ def combiner_fit_sets(config, entries, success: dict, pool: np.ndarray) -> dict[
   return sets
 
 
-def _auc(neg, pos) -> float:
-  return metrics.roc_auc(neg, pos)
-
-
-def _report(val_clean, neg, pos) -> dict:
-  r = metrics.detection_report(val_clean, neg, pos)
-  return {k: (float(v) if isinstance(v, float) else v) for k, v in r.items()}
-
-
 def _load_split(spec: dict, split: str, config, limit: int):
   ds = data_lib.load_from_config(spec['data_config'], split, data_dir=config.data_dir)
   return ds.take(slice(0, limit)) if limit else ds
@@ -179,7 +159,6 @@ class _Scoring(NamedTuple):
   """What every attack's evaluation shares (built once per run)."""
   root: jax.Array
   ctx: defenses_lib.Context
-  comb: defenses_lib.Defense
   base_state: dict                 # the combiner with its members fitted on clean training images
   x_test: np.ndarray
   x_val: np.ndarray
@@ -342,19 +321,19 @@ def _prepare_scoring(cfg, workdir: str, model, spec: dict, index: dict) -> tuple
           f'{len(fit_idx)} combiner-fit / {len(thr_idx)} threshold images')
   train_data = {'image': data_pipeline.to_float(train.arrays['image']),
                 'label': train.arrays['label']}
-  base_state = comb.fit(ctx, train_data, _key(root, 'fit'))
+  base_state = comb.fit(ctx, train_data, named_key(root, 'fit'))
   # Clean scores: one MC run per image set with a fixed key, so every attack's negatives and
   # thresholds see the same clean features (and the combiner's own member scores match them).
-  s_test = _member_scores(base_state, ctx, x_test, _key(root, 'score', 'test'))
-  s_thr = _member_scores(base_state, ctx, x_val[thr_idx], _key(root, 'score', 'threshold'))
-  s_fit_clean = _member_scores(base_state, ctx, x_val[fit_idx], _key(root, 'direction', 'clean'))
+  s_test = _member_scores(base_state, ctx, x_test, named_key(root, 'score', 'test'))
+  s_thr = _member_scores(base_state, ctx, x_val[thr_idx], named_key(root, 'score', 'threshold'))
+  s_fit_clean = _member_scores(base_state, ctx, x_val[fit_idx], named_key(root, 'direction', 'clean'))
   ref_kde = None
   if cfg.get('kde_reference_bandwidth', 0.0):
     # KDE at the seed's bandwidth too, to show how much KDE's AUCs depend on that choice.
     kde_ref = defenses_lib.make(f'kde(bandwidth={float(cfg.kde_reference_bandwidth)!r})')
     st_ref = kde_ref.fit(ctx, train_data, None)
     ref_kde = (kde_ref, st_ref, kde_ref.score(st_ref, ctx, _pad(x_test), None)[:len(x_test)])
-  sc = _Scoring(root=root, ctx=ctx, comb=comb, base_state=base_state, x_test=x_test, x_val=x_val,
+  sc = _Scoring(root=root, ctx=ctx, base_state=base_state, x_test=x_test, x_val=x_val,
                 fit_idx=fit_idx, thr_idx=thr_idx, s_test=s_test, s_thr=s_thr,
                 s_fit_clean=s_fit_clean, ref_kde=ref_kde)
   info = {
@@ -389,21 +368,20 @@ def _evaluate_attack(sc: _Scoring, label: str, r_test: dict, r_val: dict, fit_su
     print(f'  {label}: only {int(succ.sum())} successful test examples; no detection numbers')
     return row
   x_adv = r_test['x_adv'][succ]
-  k_adv = _key(sc.root, 'score', label)
-  s_adv = _member_scores(sc.base_state, sc.ctx, x_adv, k_adv)
+  s_adv = _member_scores(sc.base_state, sc.ctx, x_adv, named_key(sc.root, 'score', label))
   neg = sc.s_test[succ]
   heldout = None
   if len(fit_succ) >= 2:
     # Direction of each metric: adversarial vs clean AUC on the combiner-fit images only.
     s_fit_adv = _member_scores(sc.base_state, sc.ctx, r_val['x_adv'][fit_succ],
-                               _key(sc.root, 'direction', label))
+                               named_key(sc.root, 'direction', label))
     fit_mask = np.isin(sc.fit_idx, fit_succ)
-    heldout = [_auc(sc.s_fit_clean[fit_mask, j], s_fit_adv[:, j]) for j in range(len(METRICS))]
+    heldout = [metrics.roc_auc(sc.s_fit_clean[fit_mask, j], s_fit_adv[:, j]) for j in range(len(METRICS))]
   roc[label] = {}
   for j, m in enumerate(METRICS):
-    fixed = _report(sc.s_thr[:, j], neg[:, j], s_adv[:, j])
+    fixed = metrics.detection_report(sc.s_thr[:, j], neg[:, j], s_adv[:, j])
     sign = -1 if heldout is not None and heldout[j] < 0.5 else 1
-    directed = fixed if sign == 1 else _report(-sc.s_thr[:, j], -neg[:, j], -s_adv[:, j])
+    directed = fixed if sign == 1 else metrics.detection_report(-sc.s_thr[:, j], -neg[:, j], -s_adv[:, j])
     row['metrics'][m] = {
         'auc': directed['auc'], 'tpr@5%fpr': directed['tpr@5%fpr'],
         'tpr@1%fpr': directed['tpr@1%fpr'], 'test_fpr@5%': directed['test_fpr@5%'],
@@ -412,12 +390,12 @@ def _evaluate_attack(sc: _Scoring, label: str, r_test: dict, r_val: dict, fit_su
         'auc_fixed': fixed['auc'], 'tpr@5%fpr_fixed': fixed['tpr@5%fpr']}
     roc[label][m] = {'neg': (sign * neg[:, j]).tolist(), 'pos': (sign * s_adv[:, j]).tolist()}
   if len(fit_succ) >= 2:
-    row[COMBINED] = _evaluate_combiner(sc, label, r_val, fit_succ, succ, x_adv, s_adv, k_adv, roc)
+    row[COMBINED] = _evaluate_combiner(sc, label, r_val, fit_succ, succ, x_adv, s_adv, roc)
   else:
     print(f'  {label}: only {len(fit_succ)} successful held-out examples; no LR combination')
   if sc.ref_kde is not None:
     kde_ref, st_ref, ref_test = sc.ref_kde
-    row['kde_reference_bandwidth_auc'] = _auc(
+    row['kde_reference_bandwidth_auc'] = metrics.roc_auc(
         ref_test[succ], kde_ref.score(st_ref, sc.ctx, _pad(x_adv), None)[:len(x_adv)])
   best = max(METRICS, key=lambda m: row['metrics'][m]['auc'])
   comb_auc = row[COMBINED]['auc'] if row[COMBINED] else float('nan')
@@ -427,24 +405,20 @@ def _evaluate_attack(sc: _Scoring, label: str, r_test: dict, r_val: dict, fit_su
   return row
 
 
-def _evaluate_combiner(sc: _Scoring, label, r_val, fit_succ, succ, x_adv, s_adv, k_adv,
-                       roc) -> dict:
+def _evaluate_combiner(sc: _Scoring, label, r_val, fit_succ, succ, x_adv, s_adv, roc) -> dict:
   """Fits the LR on held-out validation images; evaluates it on the test images."""
   xc_fit, xa_fit = sc.x_val[fit_succ], r_val['x_adv'][fit_succ]
   noise_std = combiner.matched_noise_std(xc_fit, xa_fit)
   st = combiner.fit_combiner(sc.base_state, sc.ctx, xc_fit, xa_fit, noise_std,
-                             _key(sc.root, 'lr', label))
-  # The positives go through the combiner itself (it raises LeakageError on an image it was
-  # fitted on). The clean test and threshold images are the same for every attack, so their
-  # member scores were computed once and are mapped through this LR here; scored with the same
-  # keys they are the features comb.score would compute, as the positives check every time.
-  c_adv = np.asarray(sc.comb.score(st, sc.ctx, _pad(x_adv), k_adv))[:len(x_adv)]
-  if not np.allclose(c_adv, lr_decision(st, s_adv), rtol=1e-4, atol=1e-4):
-    raise AssertionError(f'{label}: LR scores from the member scores differ from comb.score')
+                             named_key(sc.root, 'lr', label))
+  # Member scores of every scored image set were computed once (with the keys the combiner's own
+  # score would use) and are mapped through this LR; none of those images may be one it was
+  # fitted on (LeakageError).
   x_thr = sc.x_val[sc.thr_idx]
-  combiner.assert_disjoint(st, sc.x_test, x_thr)
-  c_test, c_thr = lr_decision(st, sc.s_test), lr_decision(st, sc.s_thr)
-  rep = _report(c_thr, c_test[succ], c_adv)
+  combiner.assert_disjoint(st, x_adv, sc.x_test, x_thr)
+  c_adv = combiner.lr_decision(st, s_adv)
+  c_test, c_thr = combiner.lr_decision(st, sc.s_test), combiner.lr_decision(st, sc.s_thr)
+  rep = metrics.detection_report(c_thr, c_test[succ], c_adv)
   scored = combiner.image_fingerprints(np.concatenate([sc.x_test, x_adv, x_thr]))
   roc[label][COMBINED] = {'neg': c_test[succ].tolist(), 'pos': c_adv.tolist()}
   return {'auc': rep['auc'], 'tpr@5%fpr': rep['tpr@5%fpr'], 'tpr@1%fpr': rep['tpr@1%fpr'],

@@ -17,7 +17,6 @@ Honest-evaluation rules applied here:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -35,6 +34,7 @@ from unmask_jax.eval import attack_runner, metrics
 from unmask_jax.models import functional, part_extraction
 from unmask_jax.registry import parse_spec
 from unmask_jax.train import checkpoint as ckpt
+from unmask_jax.utils import named_key as _key_for
 
 
 def _extract(segment_fn, min_area, min_conf, x):
@@ -91,11 +91,6 @@ def load_attack_results(attacks_dir: str, model_fp: str, test: data_lib.ArrayDat
     with np.load(_require(os.path.join(attacks_dir, f'{label}.npz'), 'python3 attack.py ...')) as f:
       results[label] = {k: f[k] for k in f.files}
   return index, sub, results
-
-
-def _key_for(root, *names) -> jax.Array:
-  h = int(hashlib.sha1('/'.join(names).encode()).hexdigest()[:8], 16)
-  return jax.random.fold_in(root, h)
 
 
 def _accuracy(pred, y) -> float:
@@ -197,6 +192,7 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
       defenders=defender_fns)
   x_test, y_test = pipeline.to_float(test.arrays['image']), test.arrays['label']
   x_val = pipeline.to_float(val.arrays['image'])
+  x_holdout = pipeline.to_float(holdout.arrays['image']) if holdout is not None else None
   out = {'classes': list(classes), 'parts': parts_lib.overlap(classes)[0],
          'overlap': parts_lib.overlap(classes)[1], 'n_test': len(test), 'n_validation': len(val),
          'n_fit': len(train), 'model_fingerprint': m_fp, 'attacks': {}, 'clean': {},
@@ -272,7 +268,7 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
     for name, (d, state) in det_states.items():
       t0 = time.perf_counter()
       if _is_combiner(name):
-        scores = _combiner_scores(name, state, ctx, label, holdout, holdout_adv, r['x_adv'],
+        scores = _combiner_scores(name, state, ctx, label, x_holdout, holdout_adv, r['x_adv'],
                                   x_val, x_test, val_scores[name], clean_scores[name], root,
                                   cs_name, workdir)
         if scores is None:
@@ -346,7 +342,7 @@ def _add_deep_protection(out, dip_cfg, ctx, val, x_val, test, x_test, y_test, ad
                        'pos': np.asarray(per[label]['residual_fixed'])[succ].tolist()}
 
 
-def _combiner_scores(name, state, ctx, label, holdout, holdout_adv, x_adv, x_val, x_test,
+def _combiner_scores(name, state, ctx, label, x_holdout, holdout_adv, x_adv, x_val, x_test,
                      feats_val, feats_clean, root, cs_name, workdir):
   """(val, clean test, adversarial test) scores of the LR combiner fitted for attack `label`.
 
@@ -361,7 +357,7 @@ def _combiner_scores(name, state, ctx, label, holdout, holdout_adv, x_adv, x_val
   ok = h['success'].astype(bool)
   if ok.sum() < 2:
     return None
-  x_h = pipeline.to_float(holdout.arrays['image'])[ok]
+  x_h = x_holdout[ok]
   fitted = _fitted_state(
       workdir, cs_name, f'{name}_{label}',
       lambda: combiner.fit_combiner(state, ctx, x_h, h['x_adv'][ok],

@@ -130,27 +130,19 @@ def flag_rows(results: dict) -> list[dict]:
   """
   rows = []
   for cs_name, cs in results['class_sets'].items():
+    paper = [a for l, a in cs['attacks'].items() if not l.startswith('FGSM')]
     for d, fc in cs.get('flags_clean', {}).items():
-      per = [a['flags'][d] for l, a in cs['attacks'].items() if d in a.get('flags', {})
-             and not l.startswith('FGSM')]
-      aucs = [a['detection'][d]['auc'] for l, a in cs['attacks'].items()
-              if d in a['detection'] and not l.startswith('FGSM')]
+      per = [a['flags'][d] for a in paper if d in a.get('flags', {})]
+      aucs = [a['detection'][d]['auc'] for a in paper if d in a['detection']]
       if not per:
         continue
       rows.append({'class set': cs_name.upper(), 'defense': d,
                    'clean flagged (val)': fc['validation'], 'clean flagged (test)': fc['test'],
                    'adv flagged': float(np.mean([p['adv_flag_rate'] for p in per])),
                    'defense success': float(np.mean([p['defense_success'] for p in per])),
-                   'no defense': float(np.mean([1 - a['success_rate'] for l, a in cs['attacks'].items()
-                                                if not l.startswith('FGSM')])),
+                   'no defense': float(np.mean([1 - a['success_rate'] for a in paper])),
                    'mean AUC': float(np.mean(aucs)) if aucs else float('nan')})
   return rows
-
-
-def _mean_auc(cs: dict, detector: str, select=lambda label, a: True) -> float | None:
-  v = [a['detection'][detector]['auc'] for l, a in cs['attacks'].items()
-       if detector in a['detection'] and select(l, a)]
-  return float(np.mean(v)) if v else None
 
 
 def k_rows(results: dict) -> list[dict]:
