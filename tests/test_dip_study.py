@@ -89,7 +89,7 @@ def test_one_trajectory_equals_separate_stop_rule_runs(study):
   dp.dip_restore(x_all, iters=60, on_checkpoint=record, **run)
   val_curve = [per_ckpt[it][:4].mean() for it in sorted(per_ckpt)]
   np.testing.assert_allclose(result['val_accuracy'], val_curve)
-  chosen = result['checkpoints'][dp.choose_fixed_iters(result['checkpoints'], val_curve, 0.01)]
+  chosen = result['checkpoints'][dp.choose_fixed_iters(val_curve, 0.01)]
   assert result['fixed_iters'] == chosen and result['fixed_iters_source'] == 'validation'
   assert result['fixed_iters'] < 60  # a non-final checkpoint
   fixed = dp.dip_restore(x_all, iters=result['fixed_iters'], **run)

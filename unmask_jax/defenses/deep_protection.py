@@ -230,7 +230,7 @@ def _init_batch(keys, cfg: DIPConfig, padded_hw: tuple, channels: int):
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'num_steps'))
 def _dip_steps(carry, target, z, jitter_keys, cfg: DIPConfig, num_steps: int):
-  """`num_steps` Adam steps for every image of the batch; returns (carry, per-step MSE [S, B])."""
+  """`num_steps` Adam steps for every image of the batch; returns the new carry."""
   opt = optax.adam(cfg.lr)
   h, w = target.shape[1:3]
 
@@ -244,16 +244,15 @@ def _dip_steps(carry, target, z, jitter_keys, cfg: DIPConfig, num_steps: int):
     def loss_fn(p):
       out = jax.vmap(lambda pi, zi: generator_apply(pi, zi, cfg))(p, z + cfg.reg_noise_std * noise)
       out = out[:, :h, :w]  # Drop the reflection padding added to reach a multiple of 2^scales.
-      per_image = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
-      return jnp.sum(per_image), (out, per_image)
+      return jnp.sum(jnp.mean(jnp.square(out - target), axis=(1, 2, 3))), out
 
-    (_, (out, per_image)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     ema_out = jnp.where(t == 0, out, cfg.ema * ema_out + (1.0 - cfg.ema) * out)
-    return (params, opt_state, ema_out, t + 1), per_image
+    return (params, opt_state, ema_out, t + 1), None
 
-  return jax.lax.scan(step, carry, None, length=num_steps)
+  return jax.lax.scan(step, carry, None, length=num_steps)[0]
 
 
 def _bucket(n: int, chunk: int) -> int:
@@ -302,20 +301,21 @@ def dip_restore(x, key: jax.Array, *, iters: int, cfg: DIPConfig = DIPConfig(),
     b = _bucket(len(rows), chunk)
     rows = np.concatenate([rows, np.full(b - len(rows), -1)])
     valid = rows >= 0
-    target = jnp.asarray(x[np.where(valid, rows, rows[0])])
+    xb = np.asarray(x[np.where(valid, rows, rows[0])])  # host copy: no device round trip below
+    target = jnp.asarray(xb)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(np.maximum(rows, 0)))
     params, opt_state, z, jitter_keys = _init_batch(keys, cfg, padded_hw, c)
     carry = (params, opt_state, jnp.zeros_like(target), jnp.asarray(0, jnp.int32))
     done = ~valid
-    out = np.array(target)
+    out = xb.copy()
     it = 0
     while it < iters and not done.all():
       steps = min(check_every, iters - it)
-      carry, _ = _dip_steps(carry, target, z, jitter_keys, cfg, steps)
+      carry = _dip_steps(carry, target, z, jitter_keys, cfg, steps)
       it += steps
       ema = np.asarray(carry[2])
       if on_checkpoint is not None:
-        mse = np.mean(np.square(ema - np.asarray(target)), axis=(1, 2, 3))
+        mse = np.mean(np.square(ema - xb), axis=(1, 2, 3))
         stop = np.asarray(on_checkpoint(it, ema, mse, rows), bool) | (it >= iters)
       else:
         stop = np.full(b, it >= iters)
@@ -502,7 +502,7 @@ def oracle_stop_index(logits, y_true, topk: int) -> np.ndarray:
   return _first_or_last(oracle_hit(logits, np.asarray(y_true)[:, None], topk))
 
 
-def choose_fixed_iters(checkpoints, accuracy, tolerance: float) -> int:
+def choose_fixed_iters(accuracy, tolerance: float) -> int:
   """Index of the earliest checkpoint whose (clean validation) accuracy is within `tolerance` of
   the best; see `make(iters=None)`."""
   acc = np.asarray(accuracy, np.float64)
@@ -609,7 +609,7 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
                           chunk=chunk, classify_fn=classifier(ctx))
     checkpoints = traj['checkpoints']
     acc = np.mean(np.argmax(traj['logits'], axis=-1) == yv[:, None], axis=0)
-    best = choose_fixed_iters(checkpoints, acc, fit_tolerance)
+    best = choose_fixed_iters(acc, fit_tolerance)
     state.update(iters=np.asarray(checkpoints[best], np.int32),
                  val_checkpoints=np.asarray(checkpoints, np.int32),
                  val_accuracy=acc.astype(np.float32))

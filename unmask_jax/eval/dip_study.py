@@ -194,7 +194,7 @@ def run_dip_study(ctx: base.Context, x_val, y_val, x_test, y_test, adv: Mapping[
   # Stop index per image and rule.
   val_acc = correct[slices['val']].mean(axis=0)
   if c['iters'] is None:
-    k_fixed = dp.choose_fixed_iters(checkpoints, val_acc, c['fit_tolerance'])
+    k_fixed = dp.choose_fixed_iters(val_acc, c['fit_tolerance'])
     source = 'validation'
   else:
     k_fixed, source = int(np.flatnonzero(checkpoints == int(c['iters']))[0]), 'config'
