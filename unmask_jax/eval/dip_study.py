@@ -38,6 +38,7 @@ recovered, (acc_dip(adv) - acc_none(adv)) / (acc_none(clean) - acc_none(adv)).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Mapping
 
@@ -111,9 +112,7 @@ def _merged_config(cfg) -> dict:
 def dip_config(cfg) -> dp.DIPConfig:
   """The generator settings of a study config."""
   c = _merged_config(cfg)
-  return dp.DIPConfig(widths=c['widths'], skip_channels=c['skip_channels'],
-                      input_depth=c['input_depth'], input_scale=c['input_scale'],
-                      reg_noise_std=c['reg_noise_std'], lr=c['lr'], ema=c['ema'], conv=c['conv'])
+  return dp.DIPConfig(**{f.name: c[f.name] for f in dataclasses.fields(dp.DIPConfig)})
 
 
 def oracle_k(topk: int, num_classes: int) -> int:
