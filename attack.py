@@ -6,21 +6,23 @@
 
 Results go to --workdir (one .npz per attack + attacks.json); a rerun skips finished attacks.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from unmask_jax import pipeline
+from unmask_jax import cli, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/attack.py', 'Path to an attack config.',
-                                          lock_config=True)
+_CONFIG = cli.define_config('config', 'configs/attack.py', 'Path to an attack config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the attack results.')
 flags.mark_flags_as_required(['workdir'])
+
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False,
+    'Redo every listed attack even if a result is stored; needed when the seed, batch size, spec or model differ from the stored ones.')
 
 
 def main(argv):
   del argv
-  pipeline.attack(_CONFIG.value, _WORKDIR.value)
+  pipeline.attack(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -5,21 +5,23 @@
 See configs/evaluate.py for the inputs (K, each class set's M / AT-M and their attack results).
 Writes report.md (read it first), results.json (every number) and roc_<class set>.png.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from unmask_jax import pipeline
+from unmask_jax import cli, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/evaluate.py', 'Path to an evaluation config.',
-                                          lock_config=True)
+_CONFIG = cli.define_config('config', 'configs/evaluate.py', 'Path to an evaluation config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for report.md, results.json and plots.')
 flags.mark_flags_as_required(['workdir'])
+
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False,
+    'Refit every defense instead of reusing the states fitted in --workdir (they are refitted anyway when the config or an input changed).')
 
 
 def main(argv):
   del argv
-  pipeline.evaluate(_CONFIG.value, _WORKDIR.value)
+  pipeline.evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

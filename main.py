@@ -7,20 +7,22 @@ evaluation, ending with the path of report.md.
 Stages are cached in --workdir: running the same command again skips finished stages and resumes
 an interrupted one.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from unmask_jax import pipeline
+from unmask_jax import cli, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/main.py', 'Path to the main-job config.',
-                                          lock_config=True)
+_CONFIG = cli.define_config('config', 'configs/main.py', 'Path to the main-job config.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/main', 'Where every stage writes its outputs.')
+
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False,
+    "Redo every stage (training, attacks, evaluation) instead of reusing the cached outputs in --workdir; needed when a stage's config changed.")
 
 
 def main(argv):
   del argv
-  pipeline.run_main(_CONFIG.value, _WORKDIR.value)
+  pipeline.run_main(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -7,13 +7,11 @@ the paper's eps line search on validation: --at_line_search=1,2,4,6,8,16.
 Any config field can be overridden, e.g. --config.num_epochs=3. Re-running the same command resumes
 from the last checkpoint in --workdir.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from unmask_jax import pipeline
+from unmask_jax import cli, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py training config.',
-                                          lock_config=True)
+_CONFIG = cli.define_config('config', None, 'Path to a configs/*.py training config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and final.json.')
 _LINE_SEARCH = flags.DEFINE_list(
     'at_line_search', None,
@@ -22,14 +20,19 @@ _LINE_SEARCH = flags.DEFINE_list(
     'picks one on the validation split, and writes line_search.json.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False,
+    "Discard this workdir's training outputs (checkpoints, metrics, final.json) and train from scratch; needed when the config differs from the one that made them.")
+
 
 def main(argv):
   del argv
   if _LINE_SEARCH.value:
-    pipeline.at_line_search(_CONFIG.value, _WORKDIR.value, [float(e) for e in _LINE_SEARCH.value])
+    pipeline.at_line_search(_CONFIG.value, _WORKDIR.value, [float(e) for e in _LINE_SEARCH.value],
+                            overwrite=_OVERWRITE.value)
   else:
-    pipeline.train(_CONFIG.value, _WORKDIR.value, expect_task='classifier')
+    pipeline.train(_CONFIG.value, _WORKDIR.value, expect_task='classifier', overwrite=_OVERWRITE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

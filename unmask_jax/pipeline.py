@@ -1,23 +1,230 @@
-"""What the scripts call: train, attack, evaluate, and the one-command main job."""
+"""What the scripts call: train, attack, evaluate, and the one-command main job.
+
+Every entry point checks its whole config (ranges, types, registry names) and that its workdir
+can be written before it creates anything or computes anything, so a mistake costs seconds and
+leaves nothing behind; a run that fails anyway removes a workdir it created and left empty.
+"""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import numbers
 import os
+import shutil
+import tempfile
 import time
 
+from unmask_jax import errors
 from unmask_jax.data import parts as parts_lib
 from unmask_jax.utils import quiet_logs
 
+EVALUATION_KEY = 'evaluation_key.json'
 
-def train(config, workdir: str, *, expect_task: str) -> dict:
+
+# ----------------------------------------------------------------------------- checks
+
+def _fail(message: str):
+  raise errors.ConfigError(message)
+
+
+def _int(cfg, field: str, prefix: str, lo: int = 0) -> None:
+  v = cfg.get(field)
+  if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+    _fail(f'{prefix}.{field} must be an integer >= {lo}, got {v!r}; set e.g. --config.{prefix.split(".", 1)[1] + "." if "." in prefix else ""}{field}={max(lo, 1)}')
+
+
+def _number(cfg, field: str, prefix: str, lo: float, *, strict: bool, hi: float | None = None,
+            hint: str = '') -> None:
+  v = cfg.get(field)
+  ok = (not isinstance(v, bool) and isinstance(v, numbers.Real) and (v > lo if strict else v >= lo)
+        and (hi is None or v <= hi))
+  if not ok:
+    rng = f'{">" if strict else ">="} {lo:g}' + (f' and <= {hi:g}' if hi is not None else '')
+    _fail(f'{prefix}.{field} must be a number {rng}, got {v!r}{hint}')
+
+
+def _one_of(value, valid, what: str) -> None:
+  if value not in valid:
+    import difflib
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    hint = f' Did you mean {close[0]!r}?' if close else ''
+    _fail(f'{what} is {value!r}, not one of {", ".join(map(repr, valid))}.{hint}')
+
+
+def validate_train_config(config, expect_task: str, prefix: str = '--config') -> None:
+  """Ranges, types and names of a training config (configs/common.py), before anything runs."""
+  from unmask_jax import data as data_lib
+  from unmask_jax import models
+  script = 'train_k.py' if expect_task == 'segmenter' else 'train_m.py'
+  if config.get('task') != expect_task:
+    _fail(f'{script} trains task={expect_task!r}, but this config has task={config.get("task")!r}; '
+          'use the other script or another config.')
+  for field in ('seed', 'debug_stop_after_steps'):
+    if field in config:
+      _int(config, field, prefix, 0)
+  for field in ('num_epochs', 'batch_size', 'eval_batch_size'):
+    if field in config:
+      _int(config, field, prefix, 1)
+  _one_of(config.model.name, models.MODELS.names(), f'{prefix}.model.name')
+  d = config.data
+  _one_of(d.name, data_lib.DATASETS.names(), f'{prefix}.data.name')
+  if d.get('class_set'):
+    _one_of(d.class_set, sorted(parts_lib.CLASS_SETS), f'{prefix}.data.class_set')
+  for split in ('train', 'validation', 'test'):
+    if f'max_{split}' in d:
+      _int(d, f'max_{split}', f'{prefix}.data', 0)
+  o = config.optimizer
+  _one_of(o.name, ('sgd', 'adam', 'adamw', 'rmsprop'), f'{prefix}.optimizer.name')
+  _one_of(o.schedule, ('cosine', 'constant'), f'{prefix}.optimizer.schedule')
+  _number(o, 'learning_rate', f'{prefix}.optimizer', 0, strict=True)
+  for field in ('weight_decay', 'warmup_epochs', 'momentum'):
+    if field in o:
+      _number(o, field, f'{prefix}.optimizer', 0, strict=False)
+  if 'center_loss_weight' in config:
+    _number(config, 'center_loss_weight', prefix, 0, strict=False)
+  adv = config.get('adv_training', None)
+  if adv is not None and adv.get('enabled', False):
+    _number(adv, 'eps', f'{prefix}.adv_training', 0, strict=True, hi=1,
+            hint=' (images are in [0, 1]: write 4/255, not 4)')
+    _int(adv, 'steps', f'{prefix}.adv_training', 1)
+    _number(adv, 'step_size_factor', f'{prefix}.adv_training', 0, strict=True)
+  if expect_task == 'segmenter':
+    ex = config.extraction
+    if not len(ex.conf_grid) or not len(ex.area_grid):
+      _fail(f'{prefix}.extraction.conf_grid and area_grid must not be empty')
+
+
+def validate_attack_config(config, prefix: str = '--config', need_model_dir: bool = True) -> None:
+  """Ranges and specs of an attack config (configs/attack.py); parses every attack spec."""
+  from unmask_jax.eval import attack_runner
+  if need_model_dir and not config.get('model_dir'):
+    _fail(f'{prefix}.model_dir is empty; point it at a train_m.py workdir, e.g. '
+          f'{prefix}.model_dir=runs/m_cs3a')
+  _one_of(config.split, ('train', 'validation', 'test'), f'{prefix}.split')
+  _int(config, 'max_examples', prefix, 0)
+  _int(config, 'batch_size', prefix, 1)
+  _int(config, 'seed', prefix, 0)
+  if 'steps' in config:
+    _int(config, 'steps', prefix, 1)
+  attack_runner.parse_entries(list(config.attacks))
+
+
+def validate_evaluate_config(config, prefix: str = '--config', need_inputs: bool = True) -> None:
+  """Ranges, defense specs and (with `need_inputs`) the presence of every input stage's output.
+
+  Unknown extra fields and sub-configs are allowed (they belong to the evaluation itself).
+  """
+  from unmask_jax import defenses as defenses_lib
+  from unmask_jax.registry import parse_spec
+  for field in ('batch_size',):
+    _int(config, field, prefix, 1)
+  for field in ('max_fit', 'max_validation', 'seed'):
+    if field in config:
+      _int(config, field, prefix, 0)
+  for spec in config.defenses:
+    try:
+      name, _ = parse_spec(spec)
+    except (ValueError, SyntaxError) as e:
+      _fail(f'{prefix}.defenses entry {spec!r} is not a valid spec ({e}); write e.g. "kde(bandwidth=0.3)"')
+    _one_of(name, defenses_lib.DEFENSES.names(), f'the defense name in {prefix}.defenses entry {spec!r}')
+  if not need_inputs:
+    return
+  if not config.class_sets:
+    _fail(f'{prefix}.class_sets is empty: name at least one class set with its m_dir and attacks_dir')
+  _require_model(config.k_dir, f'{prefix}.k_dir', 'python3 train_k.py --config=configs/synthparts_k.py '
+                 f'--workdir={config.k_dir or "<dir>"}')
+  for name, cs in config.class_sets.items():
+    p = f'{prefix}.class_sets.{name}'
+    _require_model(cs.get('m_dir', ''), f'{p}.m_dir', 'python3 train_m.py --config=configs/synthparts_m.py '
+                   f'--workdir={cs.get("m_dir") or "<dir>"}')
+    _require_attacks(cs.get('attacks_dir', ''), f'{p}.attacks_dir', cs.get('m_dir'), 'test')
+    if cs.get('at_dir', ''):
+      _require_model(cs.at_dir, f'{p}.at_dir', 'python3 train_m.py --config=configs/synthparts_m.py '
+                     f'--config.adv_training.enabled=True --workdir={cs.at_dir}')
+      _require_attacks(cs.get('at_attacks_dir', ''), f'{p}.at_attacks_dir', cs.at_dir, 'test')
+    if cs.get('holdout_attacks_dir', ''):
+      _require_attacks(cs.holdout_attacks_dir, f'{p}.holdout_attacks_dir', cs.get('m_dir'), 'validation')
+    if cs.get('mrr_dir', '') and not os.path.isdir(cs.mrr_dir):
+      raise errors.MissingInputError(
+          f'{p}.mrr_dir={cs.mrr_dir} does not exist; train the defenders with: python3 train_m.py '
+          f'--config=configs/mrr_defender.py --config.seed=<i> --workdir={cs.mrr_dir}/defender_<i>, or set it to ""')
+
+
+def _require_model(path: str, what: str, command: str) -> None:
+  from unmask_jax.train import checkpoint as ckpt
+  if not path:
+    _fail(f'{what} is empty; point it at a trained model\'s workdir')
+  if not os.path.exists(os.path.join(path, ckpt.MODEL_SPEC)):
+    raise errors.MissingInputError(f'{what}={path} holds no trained model ({ckpt.MODEL_SPEC} missing); '
+                                   f'train it first: {command}')
+
+
+def _require_attacks(path: str, what: str, model_dir, split: str) -> None:
+  from unmask_jax.eval import attack_runner
+  if not path:
+    _fail(f'{what} is empty; point it at an attack.py workdir')
+  if not os.path.exists(os.path.join(path, attack_runner.INDEX)):
+    raise errors.MissingInputError(
+        f'{what}={path} holds no attack results ({attack_runner.INDEX} missing); create them with: '
+        f'python3 attack.py --config.model_dir={model_dir or "<model dir>"} --config.split={split} --workdir={path}')
+
+
+def check_workdir(workdir: str, flag: str = '--workdir') -> None:
+  """Errors unless `workdir` is (or can be created as) a directory this process can write in.
+
+  Checked by writing a probe file in it (or its nearest existing parent), which also catches
+  read-only mounts, before any work: a run must not compute for minutes and then fail to save.
+  """
+  if not workdir:
+    _fail(f'{flag} is empty; give a directory for the outputs (it is created if missing)')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f'{flag}={workdir} is a file, not a directory; give a directory (it is created if missing)')
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    _fail(f'{flag}={workdir} cannot be created: {parent} is a file; give another directory')
+  try:
+    fd, probe = tempfile.mkstemp(dir=parent, prefix='.unmask_write_test_')
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise errors.UserError(f'{flag}={workdir} is not writable ({e.strerror} in {parent}); choose a '
+                           'writable directory or fix its permissions') from None
+
+
+def _has_results(path: str, bookkeeping=('model.json', 'config.json')) -> bool:
+  for _, _, files in os.walk(path):
+    if any(f not in bookkeeping for f in files):
+      return True
+  return False
+
+
+@contextlib.contextmanager
+def output_dir(workdir: str, flag: str = '--workdir'):
+  """Checks `workdir` is writable; if the block fails, removes it when this run created it and
+  it holds no results (at most the model.json / config.json written just before training)."""
+  check_workdir(workdir, flag)
+  existed = os.path.exists(workdir)
+  try:
+    yield
+  except BaseException:
+    if not existed and os.path.isdir(workdir) and not _has_results(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def train(config, workdir: str, *, expect_task: str, overwrite: bool = False) -> dict:
   """Entry point of train_k.py / train_m.py."""
   from unmask_jax.train import trainer
   quiet_logs()
-  if config.task != expect_task:
-    script = 'train_k.py' if expect_task == 'segmenter' else 'train_m.py'
-    raise ValueError(f'{script} trains task={expect_task!r}, but this config has task={config.task!r}; '
-                     'use the other script or another config.')
+  validate_train_config(config, expect_task)
   t0 = time.time()
-  final = trainer.train_and_evaluate(config, workdir)
+  with output_dir(workdir):
+    final = trainer.train_and_evaluate(config, workdir, overwrite=overwrite)
   test = final['test']
   if expect_task == 'segmenter':
     pr = test.get('presence', {})
@@ -53,25 +260,90 @@ def describe_synthparts(data_dir: str, out_dir: str, **spec) -> list[dict]:
   return rows
 
 
-def attack(config, workdir: str) -> list[dict]:
+def attack(config, workdir: str, *, overwrite: bool = False) -> list[dict]:
   """Entry point of attack.py: runs the configured attacks and prints the table + sanity checks."""
   from unmask_jax.eval import attack_runner
   quiet_logs()
-  if not config.model_dir:
-    raise ValueError('--config.model_dir must point at a train_m.py workdir')
-  rows = attack_runner.run_attacks(config, workdir)
+  validate_attack_config(config)
+  with output_dir(workdir):
+    rows = attack_runner.run_attacks(config, workdir, overwrite=overwrite)
   index = attack_runner.ckpt.read_json(os.path.join(workdir, attack_runner.INDEX))
   attack_runner.print_results(rows, index['sanity'])
   return rows
 
 
-def evaluate(config, workdir: str) -> dict:
-  """Entry point of evaluate.py."""
+def _file_hash(path: str) -> str | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def evaluation_key(config) -> dict:
+  """The evaluation config plus a hash of every input stage's record, keying evaluate's cache.
+
+  The inputs are the trained models' final.json (rewritten whenever a model is retrained), K's
+  extraction.json, the attack indexes (attacks.json, rewritten whenever an attack is redone) and
+  the extra report sections; when any changes, the defense states fitted in the workdir are stale.
+  """
+  from unmask_jax.eval import attack_runner
+  files = [os.path.join(config.k_dir, 'final.json'), os.path.join(config.k_dir, 'extraction.json')]
+  for cs in config.class_sets.values():
+    for field in ('m_dir', 'at_dir'):
+      if cs.get(field, ''):
+        files.append(os.path.join(cs[field], 'final.json'))
+    for field in ('attacks_dir', 'at_attacks_dir', 'holdout_attacks_dir'):
+      if cs.get(field, ''):
+        files.append(os.path.join(cs[field], attack_runner.INDEX))
+    if cs.get('mrr_dir', '') and os.path.isdir(cs.mrr_dir):
+      files += [os.path.join(cs.mrr_dir, d, 'final.json') for d in sorted(os.listdir(cs.mrr_dir))]
+  files += list(config.get('extra_sections', ()))
+  return {'config': json.loads(config.to_json(sort_keys=True)),
+          'inputs': {os.path.abspath(f): _file_hash(f) for f in files}}
+
+
+def evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
+  """Entry point of evaluate.py.
+
+  The defense states fitted in `<workdir>/states` are reused only while `evaluation_key` (config
+  and inputs) is unchanged; otherwise (or with `overwrite`) they are removed and refitted.
+  """
   from unmask_jax.eval import evaluate as evaluate_lib
+  from unmask_jax.train import checkpoint as ckpt
   quiet_logs()
-  out = evaluate_lib.evaluate(config, workdir)
+  validate_evaluate_config(config)
+  key = evaluation_key(config)
+  key_path = os.path.join(workdir, EVALUATION_KEY)
+  with output_dir(workdir):
+    states = os.path.join(workdir, 'states')
+    if os.path.isdir(states) and (overwrite or not os.path.exists(key_path)
+                                  or ckpt.read_json(key_path) != key):
+      why = '--overwrite' if overwrite else 'the config or an input changed since they were fitted'
+      print(f'removing the fitted defense states in {states} ({why})')
+      shutil.rmtree(states)
+    if os.path.exists(key_path):
+      os.remove(key_path)   # re-recorded only once this evaluation has finished
+    out = evaluate_lib.evaluate(config, workdir)
+    ckpt.write_json_atomic(key_path, key)
   print(f'report: {out["report"]}')
   return out
+
+
+def validate_main_config(config) -> None:
+  """Every stage's config of the main job, checked before the first stage runs."""
+  if 'combiner_holdout' in config:
+    _int(config, 'combiner_holdout', '--config', 0)
+  for cs in config.class_sets:
+    _one_of(cs, sorted(parts_lib.CLASS_SETS), 'a --config.class_sets entry')
+  validate_train_config(config.k, 'segmenter', '--config.k')
+  validate_train_config(config.m, 'classifier', '--config.m')
+  if config.adversarial_training:
+    validate_train_config(config.at, 'classifier', '--config.at')
+  if config.get('mrr', {}).get('num_defenders', 0):
+    _int(config.mrr, 'num_defenders', '--config.mrr', 0)
+    validate_train_config(config.mrr.defender, 'classifier', '--config.mrr.defender')
+  validate_attack_config(config.attack, '--config.attack', need_model_dir=False)
+  validate_evaluate_config(config.evaluate, '--config.evaluate', need_inputs=False)
 
 
 def _with_data(cfg, data_dir: str, options: dict):
@@ -81,17 +353,20 @@ def _with_data(cfg, data_dir: str, options: dict):
   return cfg
 
 
-def run_main(config, workdir: str) -> str:
+def run_main(config, workdir: str, *, overwrite: bool = False) -> str:
   """The main job: data -> K -> M and AT-M per class set -> attacks -> evaluation -> report.md.
 
   Every stage is cached in `workdir`: training resumes from its last checkpoint (and returns at
-  once when finished), attack.py skips finished attacks, evaluation is skipped when its report is
-  newer than every attack result. Killing the job and running it again continues where it stopped.
+  once when finished), attack.py skips finished attacks, evaluation is skipped while its config
+  and every input it reads are unchanged (`evaluation_key`). Killing the job and running it again continues where it stopped.
+  A stage whose cached outputs were made with another config is an error naming the differences;
+  `overwrite` redoes every stage instead.
   """
-  import json
   from unmask_jax.eval import attack_runner
   from unmask_jax.train import checkpoint as ckpt
   quiet_logs()
+  validate_main_config(config)
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   times_path = os.path.join(workdir, 'stage_seconds.jsonl')
   # Seconds per stage of this run (a cached stage shows its near-zero time).
@@ -108,19 +383,20 @@ def run_main(config, workdir: str) -> str:
   opts = dict(config.data_options)
   stage('data', lambda: describe_synthparts(config.data_dir, workdir, **opts))
   stage('train K', lambda: train(_with_data(config.k, config.data_dir, opts), os.path.join(workdir, 'k'),
-                                 expect_task='segmenter'))
+                                 expect_task='segmenter', overwrite=overwrite))
   eval_sets = {}
   for cs in config.class_sets:
     m_cfg = _with_data(config.m, config.data_dir, opts)
     m_cfg.data.class_set = cs
-    stage(f'train M {cs}', lambda: train(m_cfg, os.path.join(workdir, f'm_{cs}'), expect_task='classifier'))
+    stage(f'train M {cs}', lambda: train(m_cfg, os.path.join(workdir, f'm_{cs}'),
+                                         expect_task='classifier', overwrite=overwrite))
     dirs = {'m_dir': os.path.join(workdir, f'm_{cs}'), 'attacks_dir': os.path.join(workdir, f'attacks_{cs}'),
             'at_dir': '', 'at_attacks_dir': ''}
     if config.adversarial_training:
       at_cfg = _with_data(config.at, config.data_dir, opts)
       at_cfg.data.class_set = cs
       stage(f'train AT-M {cs}', lambda: train(at_cfg, os.path.join(workdir, f'at_{cs}'),
-                                              expect_task='classifier'))
+                                              expect_task='classifier', overwrite=overwrite))
       dirs.update(at_dir=os.path.join(workdir, f'at_{cs}'), at_attacks_dir=os.path.join(workdir, f'attacks_at_{cs}'))
     n_mrr = config.get('mrr', {}).get('num_defenders', 0)
     if n_mrr:
@@ -131,7 +407,8 @@ def run_main(config, workdir: str) -> str:
         for i in range(n_mrr):
           d_cfg = _with_data(config.mrr.defender, config.data_dir, opts)
           d_cfg.data.class_set, d_cfg.seed = cs, config.mrr.defender.seed + i
-          train(d_cfg, os.path.join(dirs['mrr_dir'], f'defender_{i}'), expect_task='classifier')
+          train(d_cfg, os.path.join(dirs['mrr_dir'], f'defender_{i}'), expect_task='classifier',
+                overwrite=overwrite)
       stage(f'train MRR defenders {cs}', train_defenders)
     attack_jobs = [('M', dirs['m_dir'], dirs['attacks_dir'], 'test', config.attack.max_examples)]
     if config.get('combiner_holdout', 0):
@@ -145,7 +422,7 @@ def run_main(config, workdir: str) -> str:
         continue
       a_cfg = config.attack.copy_and_resolve_references()
       a_cfg.model_dir, a_cfg.data_dir, a_cfg.split, a_cfg.max_examples = model_dir, config.data_dir, split, n
-      stage(f'attack {who} {cs}', lambda: attack(a_cfg, out_dir))
+      stage(f'attack {who} {cs}', lambda: attack(a_cfg, out_dir, overwrite=overwrite))
     eval_sets[cs] = dirs
 
   e_cfg = config.evaluate.copy_and_resolve_references()
@@ -154,8 +431,6 @@ def run_main(config, workdir: str) -> str:
   e_cfg.class_sets = ml_collections.ConfigDict(eval_sets)
   eval_dir = os.path.join(workdir, 'eval')
   report_path = os.path.join(eval_dir, 'report.md')
-  inputs = [os.path.join(d[k], attack_runner.INDEX) for d in eval_sets.values()
-            for k in ('attacks_dir', 'at_attacks_dir', 'holdout_attacks_dir') if d.get(k)]
   if config.get('digits', None) is not None:
     # Seed 004's study on the embedded digits; its section is appended to the main report.
     from unmask_jax.eval import digits_study
@@ -168,18 +443,15 @@ def run_main(config, workdir: str) -> str:
       with open(section, 'w') as f:
         f.write(text)
     e_cfg.extra_sections = (section,)
-    inputs.append(section)
-  # Re-evaluate when an attack result is newer than the report or the evaluation config changed.
-  stamp_path = os.path.join(eval_dir, 'config.json')
-  stamp = json.loads(e_cfg.to_json(sort_keys=True))
-  fresh = (os.path.exists(report_path) and os.path.exists(stamp_path)
-           and ckpt.read_json(stamp_path) == stamp
-           and all(os.path.getmtime(report_path) > os.path.getmtime(p) for p in inputs))
+  # Re-evaluate when the evaluation config or any input (a model, an attack index, the digits
+  # section) changed since the report was written: `evaluate` records the key when it finishes.
+  key_path = os.path.join(eval_dir, EVALUATION_KEY)
+  fresh = (not overwrite and os.path.exists(report_path) and os.path.exists(key_path)
+           and ckpt.read_json(key_path) == evaluation_key(e_cfg))
   if fresh:
     print(f'\n=== evaluate: {report_path} is up to date, skipped')
   else:
-    stage('evaluate', lambda: evaluate(e_cfg, eval_dir))
-    ckpt.write_json_atomic(stamp_path, stamp)
+    stage('evaluate', lambda: evaluate(e_cfg, eval_dir, overwrite=overwrite))
   times['total (this run)'] = round(time.time() - t_all, 1)
   with open(times_path, 'a') as f:   # one line per run: the history of stage times
     f.write(json.dumps(times) + '\n')
@@ -188,7 +460,8 @@ def run_main(config, workdir: str) -> str:
   return report_path
 
 
-def at_line_search(config, workdir: str, eps_255: list[float], attack_steps: int = 20) -> dict:
+def at_line_search(config, workdir: str, eps_255: list[float], attack_steps: int = 20, *,
+                   overwrite: bool = False) -> dict:
   """The paper's adversarial-training line search: one AT-M per eps, chosen on validation.
 
   For each eps in `eps_255` (in 1/255 units, e.g. [1, 2, 4, 6, 8, 16]) an M is trained with
@@ -203,24 +476,26 @@ def at_line_search(config, workdir: str, eps_255: list[float], attack_steps: int
   import ml_collections
   quiet_logs()
   if not eps_255:
-    raise ValueError('give at least one eps, e.g. --at_line_search=1,2,4,6,8,16')
+    _fail('give at least one eps, e.g. --at_line_search=1,2,4,6,8,16')
   # Values below 0.25 are almost surely [0, 1] units (0.03 meaning 8/255), not 0.03/255.
   bad = [e for e in eps_255 if not 0.25 <= e <= 255]
   if bad:
-    raise ValueError(f'line-search eps are in 1/255 units (e.g. 4 for 4/255), between 0.25 and 255; got {bad}')
+    _fail(f'line-search eps are in 1/255 units (e.g. 4 for 4/255), between 0.25 and 255; got {bad}')
+  validate_train_config(config, 'classifier')
+  check_workdir(workdir)
   rows = []
   for e in eps_255:
     cfg = config.copy_and_resolve_references()
     cfg.adv_training.enabled = True
     cfg.adv_training.eps = e / 255
     run_dir = os.path.join(workdir, f'eps_{e:g}')
-    train(cfg, run_dir, expect_task='classifier')
+    train(cfg, run_dir, expect_task='classifier', overwrite=overwrite)
     a_cfg = ml_collections.ConfigDict({
         'model_dir': run_dir, 'data_dir': cfg.data.data_dir, 'split': 'validation', 'max_examples': 0,
         'attacks': (f'PGD-Linf-8=pgd_linf(eps=8/255, steps={attack_steps})',
                     f'PGD-Linf-16=pgd_linf(eps=16/255, steps={attack_steps})'),
         'steps': attack_steps, 'batch_size': cfg.eval_batch_size, 'seed': cfg.seed})
-    res = attack_runner.run_attacks(a_cfg, os.path.join(run_dir, 'validation_attacks'))
+    res = attack_runner.run_attacks(a_cfg, os.path.join(run_dir, 'validation_attacks'), overwrite=overwrite)
     clean = res[0]['clean_accuracy']
     robust = [r['robust_accuracy'] for r in res]
     rows.append({'eps': f'{e:g}/255', 'val_clean': clean, 'val_robust_8': robust[0],

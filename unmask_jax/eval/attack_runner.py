@@ -1,9 +1,13 @@
 """Runs a list of attacks against a trained victim M and stores the results.
 
 For each attack `label=spec` the runner writes `<workdir>/<label>.npz` atomically (adversarial
-images, labels, clean and adversarial predictions, per-example success, perturbation norms) and
-records it in `<workdir>/attacks.json`, with fingerprints of the model and the data. A rerun
-skips the attacks already recorded; a run killed mid-attack leaves no file that looks complete.
+images, labels, clean and adversarial predictions, per-example success, perturbation norms) with
+a sha256 per array (`<label>.npz.sha256`, see `checkpoint.save_npz_verified`; read results back
+with `load_result`) and records it in `<workdir>/attacks.json`, with fingerprints of the model and
+the data and the attack's cache key (spec, seed, batch size, position in the list: everything
+its result depends on). A rerun skips the attacks recorded under the same key; one with another
+key is an error listing the differences unless `overwrite`; a run killed mid-attack leaves no
+file that looks complete.
 
 Success counts only inputs that M classifies correctly when clean: success rate =
 #(clean correct and adversarial wrong) / #(clean correct). Robust accuracy is over all inputs.
@@ -22,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unmask_jax import attacks as attacks_lib
 from unmask_jax import data as data_lib
+from unmask_jax import errors
 from unmask_jax.data import pipeline
 from unmask_jax.eval import report
 from unmask_jax.models import functional
@@ -81,10 +86,32 @@ def compiled(aspec):
   return lambda logits_fn, x, y, key: fn(logits_fn, x, y, key, **dynamic)
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-  tmp = f'{path}.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+def result_path(workdir: str, label: str) -> str:
+  return os.path.join(workdir, f'{label}.npz')
+
+
+def load_result(workdir: str, label: str) -> dict[str, np.ndarray]:
+  """One attack's stored arrays, verified against the sha256 recorded when they were written."""
+  return ckpt.load_npz_verified(result_path(workdir, label))
+
+
+def _check_label(label: str) -> None:
+  # Labels become file names; a path separator would write outside the workdir.
+  if not label or label.startswith('.') or any(c in label for c in '/\\:*?"<>|') or label != label.strip():
+    raise errors.ConfigError(f'attack label {label!r} cannot be a file name; use letters, digits, "-" and "_" '
+                             '(e.g. "PGD8=pgd_linf(eps=8/255)")')
+
+
+def parse_entries(entries) -> list[tuple[str, attacks_lib.AttackSpec]]:
+  """Parses "label=spec" entries (all first, so a typo fails before any work); labels unique."""
+  parsed = []
+  for entry in entries:
+    label, s = split_label(entry)
+    _check_label(label)
+    parsed.append((label, attacks_lib.parse_attack(s)))
+  if len({l for l, _ in parsed}) != len(parsed):
+    raise errors.ConfigError(f'attack labels must be unique: {[l for l, _ in parsed]}')
+  return parsed
 
 
 def load_victim(model_dir: str):
@@ -92,31 +119,51 @@ def load_victim(model_dir: str):
   return model, spec, ckpt.model_fingerprint(model)
 
 
-def run_attacks(config, workdir: str) -> list[dict]:
-  """Attacks the model in `config.model_dir` on `config.split` of its own data; returns summary rows."""
-  os.makedirs(workdir, exist_ok=True)
+def run_attacks(config, workdir: str, *, overwrite: bool = False) -> list[dict]:
+  """Attacks the model in `config.model_dir` on `config.split` of its own data; returns summary rows.
+
+  Everything that can fail on the inputs (the model, the attack specs, an existing workdir of
+  another model or config) is checked before the workdir is created or anything is computed.
+  `overwrite` redoes every listed attack (and drops the index of another model or data).
+  """
   model, spec, model_fp = load_victim(config.model_dir)
   if spec['task'] != 'classifier':
-    raise ValueError(f'{config.model_dir} holds a {spec["task"]}, not a classifier M')
+    raise errors.ConfigError(f'{config.model_dir} holds a {spec["task"]}, not a classifier M; point '
+                             '--config.model_dir at a train_m.py workdir')
   ds = data_lib.load_from_config(spec['data_config'], config.split, data_dir=config.data_dir)
   if config.get('max_examples', 0):
     ds = ds.take(slice(0, config.max_examples))
   data_fp = ds.fingerprint()
   entries = list(config.attacks) or paper_attacks(ds.image_shape, steps=config.get('steps', 20))
-  parsed = []
-  for entry in entries:  # parse all first: a typo fails before any work
-    label, s = split_label(entry)
-    parsed.append((label, attacks_lib.parse_attack(s)))
-  if len({l for l, _ in parsed}) != len(parsed):
-    raise ValueError(f'attack labels must be unique: {[l for l, _ in parsed]}')
+  parsed = parse_entries(entries)
+  bs = config.batch_size
+  keys = {label: {'spec': str(aspec), 'seed': int(config.seed), 'batch_size': int(bs), 'position': a_i}
+          for a_i, (label, aspec) in enumerate(parsed)}
 
   index_path = os.path.join(workdir, INDEX)
   index = ckpt.read_json(index_path) if os.path.exists(index_path) else {}
   before = json.dumps(index, sort_keys=True)
   if index and (index.get('model_fingerprint') != model_fp or index.get('data_fingerprint') != data_fp):
-    raise ValueError(f'{workdir} holds attack results for another model or dataset '
-                     f'(model {index.get("model_fingerprint")} vs {model_fp}, data '
-                     f'{index.get("data_fingerprint")} vs {data_fp}); use another --workdir.')
+    if not overwrite:
+      raise errors.ConfigError(
+          f'{workdir} holds attack results for another model or dataset (model '
+          f'{index.get("model_fingerprint")} vs {model_fp}, data {index.get("data_fingerprint")} vs '
+          f'{data_fp}); use another --workdir, or --overwrite to discard them.')
+    index = {}
+  stale = []
+  for label, key in keys.items():
+    row = index.get('attacks', {}).get(label)
+    if row is None:
+      continue
+    old = row.get('cache_key', {'spec': row.get('spec')})
+    diff = [f'{k}: stored {old.get(k, "<not recorded>")!r}, now {v!r}' for k, v in key.items() if old.get(k) != v]
+    if diff:
+      stale.append(f'{label} ({", ".join(diff)})')
+  if stale and not overwrite:
+    raise errors.ConfigError(f'{workdir} holds results of these attacks made with other parameters: '
+                             f'{"; ".join(stale)}. Rerun with --overwrite to redo them, use another '
+                             '--workdir, or restore the old values.')
+  os.makedirs(workdir, exist_ok=True)
   index.update({'model_dir': os.path.abspath(config.model_dir), 'model_fingerprint': model_fp,
                 'data_fingerprint': data_fp, 'split': config.split, 'class_names': list(ds.class_names),
                 'image_shape': list(ds.image_shape), 'n': len(ds)})
@@ -125,7 +172,6 @@ def run_attacks(config, workdir: str) -> list[dict]:
   devices = jax.devices()
   mesh = Mesh(np.array(devices), ('data',))
   shard = NamedSharding(mesh, P('data'))
-  bs = config.batch_size
   if bs % len(devices):
     raise ValueError(f'batch_size {bs} must be divisible by the {len(devices)} devices')
   logits_fn = functional.logits_fn(model)
@@ -141,9 +187,10 @@ def run_attacks(config, workdir: str) -> list[dict]:
 
   for a_i, (label, aspec) in enumerate(parsed):
     done = index['attacks'].get(label)
-    path = os.path.join(workdir, f'{label}.npz')
-    if done and done['spec'] == str(aspec) and os.path.exists(path):
-      print(f'  {label}: already done, skipped')
+    path = result_path(workdir, label)
+    if done and not overwrite and done.get('cache_key') == keys[label] and os.path.exists(path):
+      ckpt.load_npz_verified(path)   # a damaged result is an error, never reused
+      print(f'  {label}: already done with the same parameters, skipped')
       continue
     fn = compiled(aspec)
     key = jax.random.fold_in(root, a_i)
@@ -170,9 +217,10 @@ def run_attacks(config, workdir: str) -> list[dict]:
     tol = 1e-5
     in_ball = bool(eps is None or (linf if norm == 'linf' else l2).max() <= eps * (1 + tol) + tol)
     in_box = bool(x_adv.min() >= 0.0 and x_adv.max() <= 1.0)
-    _atomic_savez(path, x_adv=x_adv.astype(np.float32), label=y_all, clean_pred=clean_pred,
-                  adv_pred=adv_pred, success=success, linf=linf, l2=l2)
-    row = {'attack': label, 'spec': str(aspec), 'norm': norm, 'eps': eps,
+    ckpt.save_npz_verified(path, {'x_adv': x_adv.astype(np.float32), 'label': y_all,
+                                  'clean_pred': clean_pred, 'adv_pred': adv_pred, 'success': success,
+                                  'linf': linf, 'l2': l2})
+    row = {'attack': label, 'spec': str(aspec), 'cache_key': keys[label], 'norm': norm, 'eps': eps,
            'clean_accuracy': float(correct.mean()), 'robust_accuracy': float((adv_pred == y_all).mean()),
            'success_rate': float(success.sum() / max(correct.sum(), 1)),
            'mean_norm': float((linf if norm == 'linf' else l2).mean()),

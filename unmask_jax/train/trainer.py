@@ -213,15 +213,44 @@ def model_spec(config, splits) -> dict:
   return json.loads(json.dumps(spec))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (resuming if possible), keeps the best checkpoint, evaluates it; returns final metrics."""
-  os.makedirs(workdir, exist_ok=True)
+# Fields that do not change what training produces: where the data lives, and the test-only kill.
+_NOT_IN_CACHE_KEY = ('debug_stop_after_steps',)
+
+
+def run_config(config) -> dict:
+  """The effective training config that keys the workdir's cache (stored as config.json).
+
+  Everything that changes the result is in it (seed, epochs, optimizer, model, data selection,
+  adversarial training, ...); `data.data_dir` (machine-specific) and `debug_stop_after_steps`
+  (a simulated kill, after which the same command resumes) are not.
+  """
+  d = json.loads(config.to_json(sort_keys=True))
+  for k in _NOT_IN_CACHE_KEY:
+    d.pop(k, None)
+  d.get('data', {}).pop('data_dir', None)
+  return d
+
+
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
+  """Trains (resuming if possible), keeps the best checkpoint, evaluates it; returns final metrics.
+
+  The workdir is a cache keyed by `run_config(config)` and the model spec: a rerun with the same
+  config resumes (or returns the finished result), one with another config is a CheckpointError
+  listing the differences, unless `overwrite` discards the old outputs first. Nothing is written
+  before every check that can fail on the config has passed.
+  """
   task = config.task
   if task not in ('classifier', 'segmenter'):
     raise ValueError(f"config.task must be 'classifier' or 'segmenter', got {task!r}")
   splits = load_splits(config)
   spec = model_spec(config, splits)
+  key = run_config(config)
+  if overwrite and os.path.isdir(workdir):
+    removed = ckpt.clear_training_outputs(workdir)
+    if removed:
+      print(f'--overwrite: removed the previous training outputs in {workdir} ({", ".join(removed)})')
   ckpt.check_model_spec(workdir, spec)
+  ckpt.check_run_config(workdir, key)
   final_path = os.path.join(workdir, 'final.json')
 
   devices = jax.devices()
@@ -240,11 +269,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   if k in (('image', 'label') if task == 'classifier' else ('image', 'mask'))}
   steps_per_epoch = len(splits['train']) // bs
   if steps_per_epoch == 0:
-    raise ValueError(f'train split ({len(splits["train"])}) is smaller than batch_size {bs}')
+    raise ValueError(f'train split ({len(splits["train"])}) is smaller than batch_size {bs}; '
+                     'lower --config.batch_size or use more training data')
+  center_weight = float(config.get('center_loss_weight', 0.0))
+  if center_weight and not hasattr(model, 'center_loss'):
+    raise ValueError(f'center_loss_weight={center_weight} needs a model with class centres '
+                     f"(model.name='mrr_defender'), got {spec['model']!r}")
   tx = make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
 
+  # Every check passed: record what this workdir holds, then train.
+  ckpt.write_model_spec(workdir, spec)
+  ckpt.write_run_config(workdir, key)
   latest = ckpt.manager(workdir, 'latest')
   best = ckpt.manager(workdir, 'best')
   start_epoch, best_metric = 0, -np.inf
@@ -254,10 +291,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = jax.device_put(state, replicated)
 
   adv_cfg = config.get('adv_training', None)
-  center_weight = float(config.get('center_loss_weight', 0.0))
-  if center_weight and not hasattr(model, 'center_loss'):
-    raise ValueError(f'center_loss_weight={center_weight} needs a model with class centres '
-                     f"(model.name='mrr_defender'), got {spec['model']!r}")
   train_step, eval_logits = make_steps(task, graphdef, adv_cfg, center_weight)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   _truncate_metrics(metrics_path, start_epoch)
@@ -328,7 +361,9 @@ def _truncate_metrics(path: str, start_epoch: int) -> None:
     return
   with open(path) as f:
     rows = [json.loads(l) for l in f if l.strip()]
+  keep = [r for r in rows if r['epoch'] <= start_epoch]
+  if len(keep) == len(rows):   # a finished (or cleanly stopped) run: leave the log untouched
+    return
   with open(path, 'w') as f:
-    for r in rows:
-      if r['epoch'] <= start_epoch:
-        f.write(json.dumps(r) + '\n')
+    for r in keep:
+      f.write(json.dumps(r) + '\n')

@@ -1,0 +1,168 @@
+"""The scripts' entry point: absl's `app.run` with one-line errors for mistakes a user can fix.
+
+  from unmask_jax import cli
+  _CONFIG = cli.define_config('config', 'configs/attack.py', 'Path to an attack config.')
+  ...
+  if __name__ == '__main__':
+    cli.run(main)
+
+Anticipated errors (a bad flag or `--config.<field>`, `errors.UserError` and its subclasses, the
+registries' "Unknown <kind>" KeyError, ValueError from input and config checks, a missing input
+file) print `error: <message>` on one line to stderr and exit with status 2, with no traceback:
+the message already says what is wrong and how to fix it, and a traceback would bury it. Every
+other exception is a bug and keeps its traceback. UNMASK_TRACEBACK=1 shows the traceback of the
+one-line errors too (for debugging a message that is not clear enough).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from unmask_jax import errors
+
+EXIT_USER_ERROR = 2
+
+
+def one_line(message: str) -> str:
+  """Joins a (possibly multi-line) message into one line."""
+  return ' '.join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def user_message(e: BaseException) -> str | None:
+  """The one-line message for an anticipated error, or None for a bug (keep the traceback)."""
+  if isinstance(e, errors.UserError):
+    return one_line(str(e))
+  if isinstance(e, KeyError) and e.args and str(e.args[0]).startswith('Unknown '):
+    return one_line(e.args[0])          # registry typo: the message lists the valid names
+  if isinstance(e, FileNotFoundError):
+    if e.filename and e.strerror:
+      return one_line(f'{e.strerror}: {e.filename}')
+    return one_line(str(e))
+  if isinstance(e, ValueError):
+    return one_line(str(e))
+  if isinstance(e, flags.Error):
+    return one_line(str(e))
+  return None
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Names the first `--<config flag>.<path>=...` whose path is not a field of the loaded config.
+
+  ml_collections reports an unknown field as a bare AttributeError("'foo'"); this finds the
+  flag, the field and the nearest valid names instead.
+  """
+  for arg in argv[1:]:
+    if not arg.startswith('--') or '.' not in arg.split('=', 1)[0]:
+      continue
+    name, *path = arg[2:].split('=', 1)[0].split('.')
+    if name not in _CONFIG_DEFAULTS:
+      continue
+    node = _load_config(name, argv)
+    if node is None:
+      continue
+    for i, field in enumerate(path):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if field not in keys:
+        where = '.'.join([name] + path[:i]) or name
+        close = difflib.get_close_matches(field, keys, n=1)
+        hint = f'did you mean {close[0]!r}? ' if close else ''
+        return (f'unknown config field {field!r} in {arg.split("=", 1)[0]}; {hint}'
+                f'the fields of --{where} are: {", ".join(sorted(keys))}')
+      node = node[field]
+  return None
+
+
+def _load_config(name: str, argv: list[str]):
+  """The config file of flag `--<name>` as given in argv (or its default), None if unavailable."""
+  path = _CONFIG_DEFAULTS.get(name)
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith(f'--{name}='):
+      path = arg.split('=', 1)[1]
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      path = argv[i + 1]
+  if not path:
+    return None
+  try:
+    from ml_collections.config_flags import config_flags as impl  # the parser is not re-exported
+    return impl.ConfigFileFlagParser(name=name).parse(path)
+  except Exception:  # pylint: disable=broad-except
+    return None  # the caller's generic message is shown instead
+
+
+def _override_error(e: Exception, argv: list[str]) -> str:
+  msg = _unknown_override(argv)
+  if msg is None:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = (f'bad config flag ({type(e).__name__}: {one_line(text)}); see the config file for the '
+           'fields and their types')
+  return msg
+
+
+_CONFIG_DEFAULTS: dict[str, str | None] = {}
+
+
+def define_config(name: str, default: str | None, help_string: str):
+  """`config_flags.DEFINE_config_file` (locked config) with a one-line error for a bad override.
+
+  With a default file, ml_collections applies `--<name>.<field>` overrides while the flag is
+  defined, i.e. at import, before `run` can catch anything; this catches that case too.
+  """
+  _CONFIG_DEFAULTS[name] = default
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    _fail(_override_error(e, sys.argv))
+
+
+def _check_config_files() -> None:
+  """ml_collections defers a config file's load error to the first use; surface it now."""
+  for name in _CONFIG_DEFAULTS:
+    if name not in flags.FLAGS:
+      continue
+    try:
+      value = flags.FLAGS[name].value
+      if value is not None:
+        value.keys()
+    except (OSError, ImportError, SyntaxError, AttributeError) as e:
+      _fail(f'cannot load the config file of --{name}: {one_line(str(e))}')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    args = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{one_line(str(e))} (see --help)')
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    # ml_collections raises these for a bad `--config.<field>` override or config file.
+    _fail(_override_error(e, argv))
+  _check_config_files()
+  return args
+
+
+def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+  """Wraps a script's main so that anticipated errors become one line and exit status 2."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      message = user_message(e)
+      if message is None or os.environ.get('UNMASK_TRACEBACK'):
+        raise
+      _fail(message)
+  return wrapped
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+  """`app.run(main)` with one-line errors for bad flags and anticipated failures."""
+  app.run(guarded(main), flags_parser=_parse_flags)
