@@ -125,7 +125,7 @@ def test_attack_script_rerun_skips_and_bad_spec_fails_fast(quick_run, tmp_path):
   spec = '--config.attacks=("FGSM-Linf-8=fgsm(eps=8/255)",)'
   out = subprocess.run(args + [spec], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert 'already done, skipped' in out.stdout and 'success_rate' in out.stdout
+  assert 'already done with the same parameters, skipped' in out.stdout and 'success_rate' in out.stdout
   out = subprocess.run(args[:-1] + ['--config.attacks=("X=pgd_linf(eps=8, steps=3)",)'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and '255' in out.stderr
