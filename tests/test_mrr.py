@@ -98,7 +98,7 @@ def test_thresholds_give_requested_fpr_on_training_data(sp):
     rate = np.mean(d[y == c] > state['d0.thresholds'][c])
     assert abs(rate - sp / 100) <= 1.0 / n_c + 1e-9, (c, rate)
   # The fake victim predicts the true class on this data, so the score's flag rate is the same.
-  flagged = det.score(state, ctx, data['image'], None) > float(state['flag_threshold'])
+  flagged = det.score(state, ctx, data['image'], None) > float(state['threshold'])
   assert abs(flagged.mean() - sp / 100) <= NUM_CLASSES / len(y)
 
 

@@ -37,6 +37,7 @@ ATTACKS = Registry('attack', {
     'deepfool': 'unmask_jax.attacks.deepfool:deepfool',
     'apgd_linf': 'unmask_jax.attacks.apgd:apgd_linf',
     'apgd_l2': 'unmask_jax.attacks.apgd:apgd_l2',
+    'adaptive': 'unmask_jax.attacks.adaptive:adaptive',
 })
 
 # The threat model each attack's eps refers to (for reports and eps checks).
@@ -51,8 +52,13 @@ _COUNT_PARAMS = ('steps', 'restarts', 'binary_search_steps', 'candidates')
 
 def norm_of(name_or_spec: str) -> str:
   """'linf' or 'l2': the norm an attack's eps is measured in, e.g. norm_of('pgd_l2') == 'l2'."""
-  name = parse_spec(name_or_spec)[0]
+  return parse_attack(name_or_spec).norm if '(' in name_or_spec else _norm_of_name(name_or_spec)
+
+
+def _norm_of_name(name: str) -> str:
   ATTACKS.get(name)  # raises the usual error, with the valid names, on a typo
+  if name not in _NORMS:
+    raise ValueError(f'{name!r} takes the norm of its base attack: pass the whole spec')
   return _NORMS[name]
 
 
@@ -63,11 +69,18 @@ class AttackSpec(NamedTuple):
   params: dict
 
   @property
+  def base(self) -> 'AttackSpec | None':
+    """The base attack of a composite (e.g. `adaptive`'s), else None."""
+    return parse_attack(self.params['base']) if 'base' in self.params else None
+
+  @property
   def norm(self) -> str:
-    return _NORMS[self.name]
+    return self.base.norm if self.name not in _NORMS and 'base' in self.params else _NORMS[self.name]
 
   @property
   def eps(self) -> float | None:
+    if 'eps' not in self.params and 'base' in self.params:
+      return self.base.eps
     return self.params.get('eps')
 
   def partial(self) -> Callable:
@@ -110,6 +123,8 @@ def parse_attack(spec: str | AttackSpec, **overrides: Any) -> AttackSpec:
                     f'"{name}(eps=8/255)". Valid parameters: {", ".join(valid)}')
   # Checked here too (not only when traced) so that a bad spec fails before any data is loaded.
   # The L2 bound needs the image size and is checked when the attack is traced.
+  if params.get('base') is not None:
+    parse_attack(params['base'])  # a composite's base attack is checked like any other
   if params.get('eps') is not None:
     common.check_eps(_NORMS[name], params['eps'])
   for p in _COUNT_PARAMS:

@@ -433,6 +433,66 @@ def update_best(best: Best, x_new: Array, success: Array, loss: Array) -> Best:
               jnp.where(better, loss, best.loss))
 
 
+def objective_and_grad(objective: Callable, x: Array, y: Array, key: Array) -> tuple[Array, Array]:
+  """(per-example objective [N], its input gradient) of `objective(x, y, key) -> [N]`."""
+  def total(xx):
+    v = objective(xx, y, key)
+    return jnp.sum(v), v
+  (_, v), g = jax.value_and_grad(total, has_aux=True)(x)
+  return v, g
+
+
+def ascend_objective(objective: Callable, success: Callable | None, x: Array, y: Array, key,
+                     *, norm: str, eps, steps: int, alpha, random_init: bool,
+                     restarts: int) -> Array:
+  """Projected steepest ascent of an arbitrary per-example objective (PGD's loop).
+
+  x_{t+1} = Π_{B(x, eps) ∩ [0,1]}(x_t + alpha s(∇ objective(x_t, y, k_t))), s the steepest
+  direction of the norm, k_t = fold_in(fold_in(key_r, 1), t) a fresh key per step (expectation
+  over transformation for randomised objectives, spread over the steps).
+
+  Without `success`, returns the last iterate (restart 0; more restarts need `success`). With it,
+  every iterate x_0 .. x_T is checked and each example keeps its best (`update_best`: successful
+  beats unsuccessful, then the higher objective), across restarts too, so more steps or restarts
+  never lose a success.
+  """
+  check_steps(restarts, 'restarts')
+  if success is None and restarts > 1:
+    raise ValueError('restarts > 1 with an objective needs a success predicate to pick the best')
+  key = jax.random.key(0) if key is None else key
+
+  def run(k):
+    step_key = jax.random.fold_in(k, 1)
+    x0 = random_start(norm, k, x, eps) if random_init else x
+    if success is None:
+      def body(i, x_adv):
+        _, g = objective_and_grad(objective, x_adv, y, jax.random.fold_in(step_key, i))
+        return project(norm, x_adv + alpha * steepest_step(norm, g), x, eps)
+      return iterate(body, x0, steps), None
+
+    def body(i, c):
+      x_adv, best = c
+      k_i = jax.random.fold_in(step_key, i)
+      v, g = objective_and_grad(objective, x_adv, y, k_i)
+      best = update_best(best, x_adv, success(x_adv, y, k_i), v)
+      return project(norm, x_adv + alpha * steepest_step(norm, g), x, eps), best
+
+    x_last, best = iterate(body, (x0, init_best(x)), steps)
+    k_last = jax.random.fold_in(step_key, steps)
+    return x_last, update_best(best, x_last, success(x_last, y, k_last), objective(x_last, y, k_last))
+
+  if success is None:
+    return run(jax.random.fold_in(key, 0))[0]
+  best = init_best(x)
+  with _repeated(restarts):
+    for r in range(restarts):
+      _, b = run(jax.random.fold_in(key, r))
+      better = (b.success & ~best.success) | ((b.success == best.success) & (b.loss > best.loss))
+      best = Best(jnp.where(_bcast(better, x), b.x, best.x), best.success | b.success,
+                  jnp.where(better, b.loss, best.loss))
+  return best.x
+
+
 def best_of_restarts(run: Callable[[Array], Array], logits_fn: LogitsFn, x: Array, y: Array,
                      key: Array, restarts: int, loss_fn: Callable, targeted: bool) -> Array:
   """Runs `run(key_r)` for r < restarts and keeps, per example, the strongest x_adv.

@@ -8,6 +8,8 @@ at the call site:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from unmask_jax.attacks import common
 from unmask_jax.attacks.common import Array, LogitsFn
 
@@ -42,12 +44,20 @@ def fgsm(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
 
 
 def _pgd(logits_fn, x, y, key, *, norm, eps, steps, step_size, random_start, restarts, targeted,
-         loss):
-  """The shared projected steepest-ascent loop behind BIM and PGD."""
+         loss, objective=None, success=None):
+  """The shared projected steepest-ascent loop behind BIM and PGD.
+
+  With an `objective` (x_adv, y, key) -> [N] the steps ascend it instead of the loss; with a
+  `success` predicate too, every iterate is checked and each example keeps its best one
+  (`common.Best`: successful first, then the highest objective), over steps and restarts.
+  """
   common.check_batch(x, y)
   common.check_eps(norm, eps, x.shape[1:])
   common.check_steps(steps)
   alpha = common.default_step_size(eps, steps, step_size)
+  if objective is not None:
+    return common.ascend_objective(objective, success, x, y, key, norm=norm, eps=eps, steps=steps,
+                                   alpha=alpha, random_init=random_start, restarts=restarts)
   loss_fn = common.get_loss(loss)
 
   def body(_, x_adv):
@@ -89,7 +99,8 @@ def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, step
 
 def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
              steps: int = 20, step_size: float | None = None, random_start: bool = True,
-             restarts: int = 1, targeted: bool = False, loss: str = 'ce') -> Array:
+             restarts: int = 1, targeted: bool = False, loss: str = 'ce',
+             objective: Callable | None = None, success: Callable | None = None) -> Array:
   """Projected Gradient Descent, L∞ (Madry et al., ICLR 2018).
 
   x_0 ~ U(B_∞(x, eps) ∩ [0,1]);  x_{t+1} = Π_{B_∞(x,eps) ∩ [0,1]}(x_t + alpha sign(∇_x L)).
@@ -106,6 +117,12 @@ def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
     restarts: independent random starts; per-example best is kept.
     targeted: descend the loss of target class y instead of ascending that of true class y.
     loss: 'ce' or 'margin' (max_{i≠y} Z_i - Z_y).
+    objective: optional per-example objective (x_adv, y, key) -> [N] to ascend instead of the
+      loss (any differentiable function, e.g. an attack on a defense, `attacks.adaptive`); pass
+      it at call time (a `jax.tree_util.Partial`, so it is a jit argument). The loss, targeted and
+      logits_fn are then unused. With the cross-entropy objective the iterates equal the default.
+    success: optional (x_adv, y, key) -> bool [N]; with it each example returns its best iterate
+      over all steps and restarts (successful first, then the highest objective), else the last.
 
   Returns:
     x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
@@ -115,12 +132,14 @@ def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
     >>> x_adv = attack(jax.tree_util.Partial(apply_fn, params), x, y, jax.random.key(0))
   """
   return _pgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, step_size=step_size,
-              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss)
+              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss,
+              objective=objective, success=success)
 
 
 def pgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
            steps: int = 20, step_size: float | None = None, random_start: bool = True,
-           restarts: int = 1, targeted: bool = False, loss: str = 'ce') -> Array:
+           restarts: int = 1, targeted: bool = False, loss: str = 'ce',
+           objective: Callable | None = None, success: Callable | None = None) -> Array:
   """Projected Gradient Descent, L2 (Madry et al., ICLR 2018).
 
   x_0 ~ U(B_2(x, eps)) clipped to [0,1];  x_{t+1} = Π_{B_2(x,eps)}(x_t + alpha g / ||g||_2),
@@ -139,4 +158,5 @@ def pgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   return _pgd(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, step_size=step_size,
-              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss)
+              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss,
+              objective=objective, success=success)

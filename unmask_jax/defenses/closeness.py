@@ -195,12 +195,42 @@ def select_bandwidth(train_z, train_y, key, *, grid=None, holdout: float = 0.2,
   return float(grid[best]), grid, mean_ll
 
 
+def _block(train_chunk: int, m: int) -> int:
+  """The largest divisor of the (padded) training count m that is <= train_chunk."""
+  for b in range(min(train_chunk, m), 0, -1):
+    if m % b == 0:
+      return b
+  return 1
+
+
+def kde_log_density_jnp(z, classes, state, train_chunk: int = 2048):
+  """`kde_log_density` as a pure, differentiable jnp function of z [N, D] (for `apply`, attacks).
+
+  Every query meets every (padded) training point, masked to its class's, in a scan over
+  `train_chunk`-sized blocks with an online logsumexp; `state` holds the centred training
+  features, their labels (-1 = padding), the per-class counts and the bandwidth. Matches the
+  float64 brute force to 1e-3 relative like the host version (tested).
+  """
+  h = state['bandwidth'].astype(jnp.float32)
+  center, train_z, train_y = state['center'], state['features_centered'], state['labels_padded']
+  zc = z.astype(jnp.float32) - center
+  d = zc.shape[-1]
+  lse = _class_logsumexp(zc, classes.astype(jnp.int32), train_z,
+                         jnp.sum(jnp.square(train_z), axis=-1), train_y,
+                         jnp.reshape(1.0 / (2.0 * h * h), (1,)),
+                         train_chunk=_block(train_chunk, train_z.shape[0]))[0]
+  log_n = jnp.log(state['class_counts'].astype(jnp.float32))[classes]
+  return lse - log_n - 0.5 * d * jnp.log(2.0 * jnp.pi * h * h)
+
+
 def make_kde(*, bandwidth: float | None = None, chunk: int = 256, train_chunk: int = 2048,
              holdout: float = 0.2) -> base.Defense:
-  """Gaussian-KDE detector on last hidden activations (Feinman et al. 2017; seed 004 §3.5.1).
+  """Gaussian-KDE detector on last hidden activations (Feinman et al. 2017; Tuna et al. 2021).
 
   score(x) = -log p(z(x) | c_pred(x)) with the exact per-class KDE of `kde_log_density`; higher =
-  farther from the predicted class's training manifold = more adversarial.
+  farther from the predicted class's training manifold = more adversarial. The score is a smooth
+  function of x (given M's predicted class), so the surrogate for attacks is the score itself
+  (Carlini & Wagner 2017, "Adversarial examples are not easily detected", broke it that way).
 
   Args:
     bandwidth: kernel width h (> 0). Papers: MNIST 1.20 / 1.70, Fashion-MNIST 1.00, CIFAR 0.26,
@@ -218,7 +248,13 @@ def make_kde(*, bandwidth: float | None = None, chunk: int = 256, train_chunk: i
     x, y = _check_data(data, name)
     counts = base.check_all_classes_present(y, base.num_classes_of(ctx, y), name)
     z, _ = features_and_predictions(ctx, x, chunk)
-    state = {'features': z, 'labels': y, 'class_counts': counts.astype(np.int32)}
+    center = z.mean(axis=0)
+    t_chunk = min(train_chunk, -(-len(z) // 64) * 64)
+    pad = -len(z) % t_chunk
+    state = {'features': z, 'labels': y, 'class_counts': counts.astype(np.int32),
+             'center': center.astype(np.float32),
+             'features_centered': np.concatenate([z - center, np.zeros((pad, z.shape[1]), np.float32)]),
+             'labels_padded': np.concatenate([y, np.full(pad, -1, np.int32)])}
     if bandwidth is None:
       h, grid, mean_ll = select_bandwidth(z, y, key, holdout=holdout, chunk=chunk,
                                           train_chunk=train_chunk)
@@ -229,23 +265,18 @@ def make_kde(*, bandwidth: float | None = None, chunk: int = 256, train_chunk: i
     state['bandwidth'] = np.asarray(h, np.float32)
     return state
 
-  def log_density(state, ctx, x):
-    """log p(z(x) | c_pred(x)) [N] and the predicted classes [N]."""
-    base.require_fitted(state, name)
-    check_images(x, name)
-    z, pred = features_and_predictions(ctx, x, chunk)
-    base.check_feature_dim(state['features'].shape[1], z.shape[1], name)
-    if pred.max() >= len(state['class_counts']):
-      raise ValueError(f'{name}: M predicts class {pred.max()} but the KDE was fitted on '
-                       f'{len(state["class_counts"])} classes')
-    return kde_log_density(z, pred, state['features'], state['labels'],
-                           float(state['bandwidth']), chunk=chunk, train_chunk=train_chunk), pred
-
-  def score(state, ctx, x, key):
+  def apply(state, ctx, x, key):
     del key  # Deterministic.
-    return -log_density(state, ctx, x)[0]
+    z = ctx.features_fn(x)
+    z = z.reshape(z.shape[0], -1)
+    base.check_feature_dim(state['center'].shape[0], z.shape[1], name)
+    pred = jnp.argmax(ctx.logits_fn(x), axis=-1)
+    return base.Decision(-kde_log_density_jnp(z, pred, state, train_chunk))
 
-  return base.Defense(name=name, fit=fit, score=score)
+  def surrogate(state, ctx, x, key):
+    return base.Surrogate(apply(state, ctx, x, key).score)
+
+  return base.Defense(name, fit, apply, surrogate, chunk=chunk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,18 +338,23 @@ def make_kl(*, pmf: str = 'softmax', eps: float = 1e-6, chunk: int = 256) -> bas
     return {'class_mean': means, 'class_log_pmf': np.asarray(activation_log_pmf(means, pmf, eps)),
             'pmf': np.asarray(PMFS.index(pmf), np.int32)}
 
-  def score(state, ctx, x, key):
+  def apply(state, ctx, x, key):
     del key
-    base.require_fitted(state, name)
-    check_images(x, name)
-    z, pred = features_and_predictions(ctx, x, chunk)
+    z = ctx.features_fn(x)
+    z = z.reshape(z.shape[0], -1)
     base.check_feature_dim(state['class_log_pmf'].shape[1], z.shape[1], name)
-    _check_non_negative(z, pmf, name)
-    log_q = state['class_log_pmf'][pred]
-    return np.asarray(kl_divergence(activation_log_pmf(z, pmf, eps), log_q), np.float32)
+    pred = jnp.argmax(ctx.logits_fn(x), axis=-1)
+    # pmf='normalize' needs non-negative activations (checked on the training features at fit);
+    # clipping keeps log finite for the rare negative value an attack could reach.
+    if pmf == 'normalize':
+      z = jnp.maximum(z, 0.0)
+    return base.Decision(kl_divergence(activation_log_pmf(z, pmf, eps), state['class_log_pmf'][pred]))
 
-  return base.Defense(name=name, fit=fit, score=score)
+  def surrogate(state, ctx, x, key):
+    return base.Surrogate(apply(state, ctx, x, key).score)
+
+  return base.Defense(name, fit, apply, surrogate, chunk=chunk)
 
 
 __all__ = ['activation_log_pmf', 'features_and_predictions', 'kde_log_density', 'kl_divergence',
-           'make_kde', 'make_kl', 'select_bandwidth']
+           'kde_log_density_jnp', 'make_kde', 'make_kl', 'select_bandwidth']

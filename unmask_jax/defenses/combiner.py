@@ -24,10 +24,12 @@ uncertainty features cost one MC run instead of four.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -109,6 +111,53 @@ def _member_state(state: base.State, i: int) -> base.State:
   return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _member_plan(members) -> list:
+  """Static plan of how to compute member scores: one ('mc', settings, [(column, metric)], first)
+  entry per group of mc_dropout specs that differ only in metric (one set of T passes), and one
+  ('defense', column) per other member."""
+  plan, groups = [], {}
+  for i, m in enumerate(members):
+    g = _mc_group(m)
+    if g is None:
+      plan.append(('defense', i))
+      continue
+    settings, metric = g
+    if settings not in groups:
+      groups[settings] = ('mc', settings, [], i)
+      plan.append(groups[settings])
+    groups[settings][2].append((i, metric))
+  return plan
+
+
+def _members_apply(built, plan, state, ctx, x, key, surrogate: bool):
+  """Pure: [N, members] member scores (exact, or their attack surrogates)."""
+  keys = jax.random.split(key, len(built))
+  cols = [None] * len(built)
+  for entry in plan:
+    if entry[0] == 'mc':
+      _, settings, metrics, first = entry
+      s = dict(settings)
+      passes = s.get('surrogate_T', 10) if surrogate else s.get('T', 50)
+      out = uncertainty.mc_metrics_of(ctx.mc_logits_fn, x, keys[first], passes)
+      for i, metric in metrics:
+        cols[i] = out[metric]
+    else:
+      i = entry[1]
+      fn = built[i].surrogate if surrogate else built[i].apply
+      cols[i] = fn(_member_state(state, i), ctx, x, keys[i]).score
+  return jnp.stack([c.astype(jnp.float32) for c in cols], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _members_chunk(built, plan_key, static, arrays, ctx, x, key):
+  plan = [(e[0], e[1], list(e[2]), e[3]) if e[0] == 'mc' else e for e in plan_key]
+  return {'s': _members_apply(built, plan, {**arrays, **dict(static)}, ctx, x, key, False)}
+
+
+def _freeze(plan) -> tuple:
+  return tuple((e[0], e[1], tuple(e[2]), e[3]) if e[0] == 'mc' else e for e in plan)
+
+
 def member_scores(state: base.State, ctx: base.Context, x, key: jax.Array,
                   members: Sequence[Union[str, base.Defense]] | None = None) -> np.ndarray:
   """[N, num_members] member scores (each higher = more adversarial): the LR's features.
@@ -124,24 +173,13 @@ def member_scores(state: base.State, ctx: base.Context, x, key: jax.Array,
   built, ids = _build_members(members)
   if ids != stored:
     raise ValueError(f'lr_combiner: state was fitted with members {stored}, got {ids}')
-  keys = jax.random.split(key, len(built))
-  shared: dict = {}
-  cols = []
-  for i, member in enumerate(built):
-    st = _member_state(state, i)
-    group = _mc_group(members[i])
-    if group is not None:
-      settings, metric = group
-      if settings not in shared:
-        # The first member with these MC settings runs the T passes (with its key); the others
-        # reuse them: every metric is a function of the same [T, N, K] probabilities.
-        base.require_fitted(st, ids[i])
-        base.check_images(x, ids[i])
-        shared[settings] = uncertainty.mc_dropout_metrics(ctx, x, keys[i], **dict(settings))
-      cols.append(shared[settings][metric])
-    else:
-      cols.append(np.asarray(member.score(st, ctx, x, keys[i])))
-  s = np.stack(cols, axis=1).astype(np.float64)
+  base.check_images(x, 'lr_combiner')
+  arrays, static = base.split_state(state)
+  plan = _freeze(_member_plan(members))
+  chunk = min(m.chunk for m in built)
+  s = base.map_chunks(lambda xb, i: _members_chunk(tuple(built), plan, static, arrays, ctx, xb,
+                                                   jax.random.fold_in(key, i)), x, chunk)['s']
+  s = s.astype(np.float64)
   if not np.all(np.isfinite(s)):
     bad = [ids[j] for j in np.flatnonzero(~np.all(np.isfinite(s), axis=0))]
     raise ValueError(f'lr_combiner: non-finite scores from member(s) {bad}')
@@ -152,22 +190,26 @@ def member_scores(state: base.State, ctx: base.Context, x, key: jax.Array,
 def make(*, members: Sequence[Union[str, base.Defense]] = DEFAULT_MEMBERS, C: float = 1.0,
          output: str = 'decision', check_disjoint: bool = True,
          max_iter: int = 1000) -> base.Defense:
-  """Logistic-regression detector on standardised member scores (seed 004 §5.3).
+  """Logistic-regression detector on standardised member scores (Tuna et al. 2021 §5.3).
 
   score(x) = w . ((s(x) - mu) / sigma) + b (or its sigmoid), s = member scores; see the module
-  docstring for how w, b, mu, sigma are fitted.
+  docstring for how w, b, mu, sigma are fitted. The surrogate is the same LR over the members'
+  surrogates (differentiable through every member; MC dropout with fewer passes, redrawn per
+  attack step).
 
   Args:
     members: detector specs of the registry (e.g. 'kde(bandwidth=0.26)'), or `Defense` objects
       (then pass `members=` to `fit_combiner` too).
-    C: inverse L2 regularisation strength of the LR.
+    C: inverse L2 regularisation strength of the LR. Tuna et al.'s code cross-validated C; here
+      it is fixed (1.0), because the held-out split is small (150 images) and is already split
+      between the LR fit and the thresholds.
     output: 'decision' (the log-odds) or 'probability' (its sigmoid); the same ROC.
-    check_disjoint: `score` raises `LeakageError` on images `fit_combiner` saw (keep True for
+    check_disjoint: `decide` raises `LeakageError` on images `fit_combiner` saw (keep True for
       evaluation).
     max_iter: LR solver iterations.
 
   Returns:
-    A `Defense` whose fit fits the members on clean data; call `fit_combiner` before `score`.
+    A `Defense` whose fit fits the members on clean data; call `fit_combiner` before applying it.
   """
   if output not in OUTPUTS:
     raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
@@ -175,6 +217,7 @@ def make(*, members: Sequence[Union[str, base.Defense]] = DEFAULT_MEMBERS, C: fl
     raise ValueError(f'Need C > 0 and max_iter >= 1, got C={C}, max_iter={max_iter}')
   members = tuple(members) if not isinstance(members, str) else members
   built, ids = _build_members(members)
+  plan = _member_plan(members)
   name = 'lr_combiner'
 
   def fit(ctx, data, key):
@@ -186,17 +229,29 @@ def make(*, members: Sequence[Union[str, base.Defense]] = DEFAULT_MEMBERS, C: fl
         state[f'member{i}.{field}'] = np.asarray(value)
     return state
 
-  def score(state, ctx, x, key):
-    base.require_fitted(state, name)
+  def _lr(state, feats):
     if 'lr_coef' not in state:
       raise base.NotFittedError(f'{name}: the logistic regression is not fitted; call '
                                 'combiner.fit_combiner(state, ctx, x_clean, x_adv, noise_std, key) '
                                 'on a held-out split first.')
+    logit = ((feats - state['scaler_mean']) / state['scaler_scale']) @ state['lr_coef'] \
+        + state['lr_intercept']
+    return jax.nn.sigmoid(logit) if output == 'probability' else logit
+
+  def apply(state, ctx, x, key):
+    return base.Decision(_lr(state, _members_apply(built, plan, state, ctx, x, key, False)))
+
+  def surrogate(state, ctx, x, key):
+    return base.Surrogate(_lr(state, _members_apply(built, plan, state, ctx, x, key, True)))
+
+  def host_check(state, x):
+    if 'lr_coef' not in state:
+      _lr(state, None)
     if check_disjoint:
       assert_disjoint(state, x)
-    return lr_decision(state, member_scores(state, ctx, x, key, members), output)
 
-  return base.Defense(name=name, fit=fit, score=score)
+  return base.Defense(name, fit, apply, surrogate, chunk=min(m.chunk for m in built),
+                      host_check=host_check)
 
 
 def lr_decision(state: base.State, feats, output: str = 'decision') -> np.ndarray:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 from typing import Callable, Optional
 
@@ -401,13 +400,6 @@ def estimate_noise_std(x) -> np.ndarray:
   return per_channel.mean(axis=-1).astype(np.float32)
 
 
-def _key_bytes(key) -> bytes:
-  """The bits of a typed or raw uint32 PRNG key (for cache keys)."""
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return np.asarray(key).tobytes()
-
-
 @jax.jit
 def _logits(logits_fn, x):
   return logits_fn(x)
@@ -565,9 +557,14 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
          ema: float = 0.99, chunk: int = 32, conv: str = 'im2col') -> base.Defense:
   """Deep Protection (seed 003): DIP restoration (Ulyanov et al. 2018) before the unchanged M.
 
-  predict(x) = argmax M(x_hat); score(x) = ||x - x_hat||^2 per image (the restoration residual:
-  what DIP has not re-drawn by the stop iteration; higher = more adversarial). Both come from the
-  same restoration; the last one is cached so score and predict on the same (x, key) restore once.
+  apply(x) = (||x - x_hat||^2 per image, argmax M(x_hat)): the restoration residual (what DIP
+  has not re-drawn by the stop iteration; higher = more adversarial) and the corrected class, both
+  from one restoration x_hat (`restore_batch`, jittable: the stop is a fixed iteration count).
+  The surrogate for attacks is BPDA + EOT (see `surrogate` below).
+
+  The label-free 'auto' stop decides per image on the host between checkpoints, so it is not a
+  pure function of (x, key); it is available through `dip_restore(..., on_checkpoint=...)` and the
+  Deep Protection study (experiments/deep_protection), not as this registry defense.
 
   Args:
     iters: 'fixed' stop: iteration count. None: `fit` chooses it on clean validation images as
@@ -575,7 +572,7 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
       of the best over checkpoints up to `max_iters`. (Clean accuracy alone keeps rising with
       iterations because clean images contain no perturbation to re-fit; preferring the earliest
       near-best checkpoint leaves DIP less time to re-draw an adversarial perturbation.)
-    stop: 'fixed' or 'auto' (label-free per-image rule; see the module docstring).
+    stop: 'fixed' (the only stop of the registry defense; see above).
     max_iters: cap for 'auto' and for the `fit` search.
     check_every: iterations between checkpoints (jitted scan segment length).
     min_iters, auto_tol, noise_level: the 'auto' rule's parameters.
@@ -583,8 +580,10 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
     widths, skip_channels, input_depth, input_scale, reg_noise_std, lr, ema, conv: `DIPConfig`.
     chunk: images restored at once.
   """
-  if stop not in STOPS:
-    raise ValueError(f'stop must be one of {STOPS}, got {stop!r}')
+  if stop != 'fixed':
+    raise ValueError(f"The deep_protection defense needs stop='fixed' (a pure function of x); "
+                     f"got {stop!r}. The 'auto' stop runs on the host: use dip_restore with "
+                     "on_checkpoint (see the Deep Protection study).")
   if iters is not None and iters < 1:
     raise ValueError(f'iters must be >= 1, got {iters}')
   if max_iters < 1 or check_every < 1 or chunk < 1 or val_size < 1:
@@ -592,13 +591,12 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
   cfg = DIPConfig(widths=tuple(widths), skip_channels=skip_channels, input_depth=input_depth,
                   input_scale=input_scale, reg_noise_std=reg_noise_std, lr=lr, ema=ema, conv=conv)
   name = f'deep_protection({stop})'
-  cache: dict = {}
 
   def fit(ctx, data, key):
     as_partial(ctx.logits_fn, 'logits_fn')
     state = {'stop': np.asarray(STOPS.index(stop), np.int32)}
-    if stop == 'auto' or iters is not None:
-      state['iters'] = np.asarray(iters if iters is not None else max_iters, np.int32)
+    if iters is not None:
+      state['iters'] = np.asarray(iters, np.int32)
       return state
     x, y = data['image'], np.asarray(data['label'])
     check_images(x, name)
@@ -615,37 +613,36 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
                  val_accuracy=acc.astype(np.float32))
     return state
 
-  def restore(state, ctx, x, key):
-    """{'restored', 'stop_iter'} for x; cached for the last (state, x, key)."""
-    base.require_fitted(state, name)
-    if 'iters' not in state or int(state['stop']) != STOPS.index(stop):
-      raise ValueError(f'{name}: state was not fitted by this defense (stop rule mismatch)')
-    check_images(x, name)
-    x = np.asarray(x, np.float32)
-    digest = hashlib.blake2b(x.tobytes(), digest_size=16)
-    digest.update(_key_bytes(key))
-    digest.update(str((int(state['iters']), x.shape)).encode())
-    if cache.get('digest') == digest.hexdigest():
-      return cache['out']
-    if stop == 'fixed':
-      out = dip_restore(x, key, iters=int(state['iters']), cfg=cfg, check_every=check_every,
-                        chunk=chunk)
-    else:
-      rule = _auto_stop_rule(x, noise_level=noise_level, auto_tol=auto_tol, min_iters=min_iters)
-      out = dip_restore(x, key, iters=max_iters, cfg=cfg, check_every=check_every, chunk=chunk,
-                        on_checkpoint=rule)
-    cache.update(digest=digest.hexdigest(), out=out)
-    return out
+  def apply(state, ctx, x, key):
+    restored = restore_batch(x, key, iters=state['iters'], cfg=cfg)
+    residual = jnp.sum(jnp.square(x - restored), axis=(1, 2, 3))
+    return base.Decision(residual, jnp.argmax(ctx.logits_fn(restored), axis=-1))
 
-  def score(state, ctx, x, key):
-    restored = restore(state, ctx, x, key)['restored']
-    return np.sum(np.square(np.asarray(x, np.float32) - restored), axis=(1, 2, 3))
+  def surrogate(state, ctx, x, key):
+    # BPDA (Athalye et al. 2018): the restoration is the identity on the backward pass, so the
+    # gradient of M(restore(x)) is M's gradient at the restored image; the key draws a fresh
+    # restoration (network init, input noise, jitter) per attack step: EOT over DIP's randomness.
+    restored = jax.lax.stop_gradient(restore_batch(x, key, iters=state['iters'], cfg=cfg))
+    x_hat = x + jax.lax.stop_gradient(restored - x)
+    return base.Surrogate(jnp.sum(jnp.square(x - restored), axis=(1, 2, 3)), ctx.logits_fn(x_hat))
 
-  def predict(state, ctx, x, key):
-    return predict_classes(ctx, restore(state, ctx, x, key)['restored'], chunk)
-
-  return base.Defense(name=name, fit=fit, score=score, predict=predict)
+  return base.Defense(name, fit, apply, surrogate, corrects=True, static=('iters',), chunk=chunk)
 
 
-__all__ = ['DIPConfig', 'dip_restore', 'estimate_noise_std', 'generator_apply', 'init_generator',
+def restore_batch(x, key, *, iters: int, cfg: DIPConfig = DIPConfig()):
+  """Pure, jittable `dip_restore` with a fixed stop: [B, H, W, C] -> EMA outputs after `iters`.
+
+  Image i of the batch uses `fold_in(key, i)`, as in `dip_restore` (so the restoration of a batch
+  equals `dip_restore(x, key, iters=iters)` up to float rounding).
+  """
+  b, h, w, c = x.shape
+  mult = 2 ** len(cfg.widths)
+  padded_hw = tuple(max(2 * mult, -(-s // mult) * mult) for s in (h, w))
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+  params, opt_state, z, jitter_keys = _init_batch(keys, cfg, padded_hw, c)
+  carry = (params, opt_state, jnp.zeros_like(x), jnp.asarray(0, jnp.int32))
+  return _dip_steps(carry, x, z, jitter_keys, cfg, int(iters))[2]
+
+
+__all__ = ['DIPConfig', 'dip_restore', 'restore_batch', 'estimate_noise_std', 'generator_apply', 'init_generator',
            'make', 'restore_with_oracle']

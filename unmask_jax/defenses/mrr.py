@@ -11,13 +11,17 @@ prediction. For defender j with L2-normalised features z_j(x):
     tau_{j,c}    = the (100 - SP) percentile of d_j(x_i, y_i) over training images of class c,
   score (victim's predicted class c_hat = argmax M(x)):
     r_j(x)       = d_j(x, c_hat) / tau_{j,c_hat},
-    score(x)     = max_{j < N} r_j(x),      flagged iff score(x) > 1 (`flag_threshold`).
+    score(x)     = max_{j < N} r_j(x),      flagged iff score(x) > 1 (`threshold`).
 
 So defender j alone flags about SP% of clean training images of each class (the security
 parameter SP ~ target false-positive rate), and the N defenders flag if ANY flags (the white-box
 rule of seed 002): an attacker must fool all of them at once, while the false-positive rate grows
 with N (seed 002 Table 2: 2.9% -> 8.4% from N=1 to N=16 at SP 1%). `score` is also a continuous
 detection score for ROC curves.
+
+Every step is differentiable given the victim's predicted class; the attack surrogate replaces the
+max over defenders by a smooth maximum t * logsumexp_j(r_j / t) >= max_j r_j (`smooth`), so an
+attacker pushing it below 1 pushes every defender below its threshold.
 """
 from __future__ import annotations
 
@@ -70,7 +74,8 @@ def distances(state: base.State, z: np.ndarray, classes: np.ndarray, j: int) -> 
   return np.linalg.norm(p - state[f'd{j}.centers'][classes], axis=1)
 
 
-def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 256) -> base.Defense:
+def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 256,
+         smooth: float = 0.05) -> base.Defense:
   """MRR detector over the first `n` defenders in `ctx.defenders` (seed 002; module docstring).
 
   Args:
@@ -79,6 +84,7 @@ def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 25
       (100 - sp) percentile of its clean training distances.
     variance: fraction of the feature variance the PCA keeps (seed 002: 0.99).
     chunk: images per jitted batch.
+    smooth: temperature of the surrogate's smooth maximum over defenders (in ratio units).
   """
   if not isinstance(n, int) or n < 1:
     raise ValueError(f'mrr: the number of defenders n must be an integer >= 1, got {n!r}')
@@ -96,8 +102,9 @@ def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 25
     num_classes = base.num_classes_of(ctx, y)
     base.check_all_classes_present(y, num_classes, name)
     feats, _ = _defender_features(ctx, n, x, chunk)
+    # The defense's own operating point (SP), so `calibrate` keeps it.
     state = {'n': np.asarray(n), 'sp': np.asarray(sp, np.float64),
-             'flag_threshold': np.asarray(1.0, np.float64)}
+             'threshold': np.asarray(1.0, np.float64)}
     for j, z in enumerate(feats):
       mean, comps, ratio = pca(z, variance)
       p = (z - mean) @ comps
@@ -108,21 +115,28 @@ def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 25
                     f'd{j}.centers': centers, f'd{j}.thresholds': np.maximum(thr, 1e-12)})
     return state
 
-  def score(state, ctx, x, key):
-    del key
-    base.require_fitted(state, name)
-    if int(state['n']) < n:
-      raise ValueError(f'{name}: the state was fitted with {int(state["n"])} defenders')
-    _check_defenders(ctx, n, name)
-    base.check_images(x, name)
-    feats, pred = _defender_features(ctx, n, x, chunk)
-    ratios = []
-    for j, z in enumerate(feats):
+  def ratios(state, ctx, x):
+    pred = jnp.argmax(ctx.logits_fn(x), axis=-1)
+    out = []
+    for j, f in enumerate(ctx.defenders[:n]):
+      z = f(x).astype(jnp.float32)
       base.check_feature_dim(state[f'd{j}.mean'].shape[0], z.shape[1], name)
-      ratios.append(distances(state, z, pred, j) / state[f'd{j}.thresholds'][pred])
-    return np.max(np.stack(ratios), axis=0).astype(np.float32)
+      p = (z - state[f'd{j}.mean']) @ state[f'd{j}.components']
+      d = jnp.sqrt(jnp.sum(jnp.square(p - state[f'd{j}.centers'][pred]), axis=-1) + 1e-12)
+      out.append(d / state[f'd{j}.thresholds'][pred])
+    return jnp.stack(out)                                        # [n, N]
 
-  return base.Defense(name=name, fit=fit, score=score)
+  def apply(state, ctx, x, key):
+    del key
+    _check_defenders(ctx, n, name)
+    return base.Decision(jnp.max(ratios(state, ctx, x), axis=0))
+
+  def surrogate(state, ctx, x, key):
+    del key
+    r = ratios(state, ctx, x)
+    return base.Surrogate(smooth * jax.nn.logsumexp(r / smooth, axis=0))
+
+  return base.Defense(name, fit, apply, surrogate, chunk=chunk)
 
 
 __all__ = ['distances', 'make', 'pca']

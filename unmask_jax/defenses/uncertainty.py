@@ -84,11 +84,7 @@ def mc_probabilities(mc_logits_fn: jax.tree_util.Partial, x: jax.Array, key: jax
 
 @functools.partial(jax.jit, static_argnames=('num_samples',))
 def _chunk_metrics(mc_logits_fn, x, key, num_samples):
-  probs = mc_probabilities(mc_logits_fn, x, key, num_samples)
-  out = mc_metrics(probs)
-  # The MC prediction is argmax of the predictive mean (seed 004 §3.3).
-  out['prediction'] = jnp.argmax(jnp.mean(probs, axis=0), axis=-1).astype(jnp.int32)
-  return out
+  return mc_metrics_of(mc_logits_fn, x, key, num_samples)
 
 
 # pylint: disable-next=invalid-name
@@ -107,45 +103,54 @@ def mc_dropout_metrics(ctx: base.Context, x, key: jax.Array, *, T: int = 50,
                     x, chunk)
 
 
+def mc_metrics_of(mc_logits_fn, x, key, num_samples: int) -> dict[str, jax.Array]:
+  """Pure: `mc_metrics` of `num_samples` dropout passes of one batch, plus 'prediction'."""
+  probs = mc_probabilities(mc_logits_fn, x, key, num_samples)
+  out = mc_metrics(probs)
+  # The MC prediction is argmax of the predictive mean (Tuna et al. 2021 §3.3).
+  out['prediction'] = jnp.argmax(jnp.mean(probs, axis=0), axis=-1).astype(jnp.int32)
+  out['mean_log_probs'] = jnp.log(jnp.mean(probs, axis=0) + 1e-12)
+  return out
+
+
 # pylint: disable-next=invalid-name
-def make(*, metric: str = 'entropy', T: int = 50, chunk: int = 32) -> base.Defense:
-  """MC-dropout uncertainty detector (seed 004; Feinman et al. 2017).
+def make(*, metric: str = 'entropy', T: int = 50, chunk: int = 32,
+         surrogate_T: int = 10) -> base.Defense:
+  """MC-dropout uncertainty detector (Tuna et al. 2021; Feinman et al. 2017).
 
   Args:
     metric: 'entropy' | 'confidence' | 'variance' | 'mutual_information' (formulas in `mc_metrics`).
-    T: number of stochastic passes (seed 004: 50); must be >= 2.
+    T: number of stochastic passes (Tuna et al.: 50); must be >= 2.
     chunk: images per jitted call; memory grows with T * chunk.
+    surrogate_T: passes of the attack surrogate: the same metric over fewer dropout samples, a
+      fresh draw at every attack step, which is expectation over transformation (Athalye et al.
+      2018) spread over the steps.
 
   Returns:
-    A `Defense`: fit stores (T, metric) and learns nothing; score = the metric (higher = more
-    uncertain); predict = argmax of the mean MC softmax p_T.
+    A `Defense`: fit learns nothing; apply gives the metric (higher = more uncertain) and the
+    corrected class argmax of the mean MC softmax p_T.
   """
   if metric not in METRICS:
     raise ValueError(f'Unknown MC-dropout metric {metric!r}; valid: {", ".join(METRICS)}')
-  if T < 2:
-    raise ValueError(f'MC dropout needs T >= 2 stochastic passes, got T={T}')
+  if T < 2 or surrogate_T < 2:
+    raise ValueError(f'MC dropout needs T >= 2 stochastic passes, got T={T}, surrogate_T={surrogate_T}')
   if chunk < 1:
     raise ValueError(f'chunk must be >= 1, got {chunk}')
   name = f'mc_dropout({metric})'
 
   def fit(ctx, data, key):
     del data, key  # Nothing is learned; the state only records the settings it was made with.
-    as_partial(ctx.mc_logits_fn, 'mc_logits_fn')
+    base.require(ctx, name, 'mc_logits_fn')
     return {'T': np.asarray(T, np.int32), 'metric': np.asarray(METRICS.index(metric), np.int32)}
 
-  def _run(state, ctx, x, key):
-    base.require_fitted(state, name)
-    if int(state['T']) != T or int(state['metric']) != METRICS.index(metric):
-      raise ValueError(f'{name}: state was fitted with T={int(state["T"])}, '
-                       f'metric={METRICS[int(state["metric"])]!r}; this defense has T={T}, '
-                       f'metric={metric!r}')
-    check_images(x, name)
-    return mc_dropout_metrics(ctx, x, key, T=T, chunk=chunk)
+  def apply(state, ctx, x, key):
+    del state
+    out = mc_metrics_of(ctx.mc_logits_fn, x, key, T)
+    return base.Decision(out[metric], out['prediction'])
 
-  def score(state, ctx, x, key):
-    return _run(state, ctx, x, key)[metric].astype(np.float32)
+  def surrogate(state, ctx, x, key):
+    del state
+    out = mc_metrics_of(ctx.mc_logits_fn, x, key, surrogate_T)
+    return base.Surrogate(out[metric], out['mean_log_probs'])
 
-  def predict(state, ctx, x, key):
-    return _run(state, ctx, x, key)['prediction']
-
-  return base.Defense(name=name, fit=fit, score=score, predict=predict)
+  return base.Defense(name, fit, apply, surrogate, corrects=True, chunk=chunk)

@@ -7,7 +7,7 @@ Given an image x, the part extractor K gives the set of parts it sees, f_a = K(x
 victim M predicts class y_hat. With V the class->parts matrix (Table I):
 
   detection:  s = J(V[y_hat], f_a),  J(A, B) = |A ∩ B| / |A ∪ B|,  score d = 1 - s
-              (x is flagged adversarial when d >= t; a ROC sweeps t).
+              (x is flagged adversarial when d > t; a ROC sweeps t).
   defense:    y_um = argmax_c J(V[c], f_a) over the classes of the class set.
 
 Ties and the empty set (choices the paper leaves open, documented here):
@@ -18,6 +18,11 @@ Ties and the empty set (choices the paper leaves open, documented here):
     parts |V[c] ∩ f_a|, and then the lowest class index.
   * When K extracts no part at all, every class scores 0, so the prediction falls back to M's
     prediction and the detection score is d = 1 (maximally suspicious).
+
+Surrogate (for adaptive attacks): K's hard rule "at least min_area pixels with p as arg-max at
+probability >= min_conf" becomes a soft presence sigmoid(m_p / T), m_p the k-th largest per-pixel
+margin (`part_extraction.soft_parts`), and J the soft Jaccard s.v / (|s| + |v| - s.v); the soft
+detection score is 1 - J(V[y_hat], s) and the corrected class's logits are J(V[c], s) / tau.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from unmask_jax.defenses import base
+from unmask_jax.models import part_extraction
 
 
 def jaccard(a, b):
@@ -34,9 +40,18 @@ def jaccard(a, b):
   """
   a = (jnp.asarray(a) > 0).astype(jnp.float32)
   b = (jnp.asarray(b) > 0).astype(jnp.float32)
+  return soft_jaccard(a, b)
+
+
+def soft_jaccard(a, b):
+  """J(a, b) = a.b / (|a|_1 + |b|_1 - a.b) for soft sets in [0, 1]: [N, P] x [C, P] -> [N, C].
+
+  Equals `jaccard` on 0/1 inputs; 0 where the (soft) union is empty.
+  """
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   inter = a @ b.T
   union = a.sum(-1, keepdims=True) + b.sum(-1)[None, :] - inter
-  return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
+  return jnp.where(union > 0, inter / jnp.maximum(union, 1e-6), 0.0)
 
 
 def detection_scores(extracted, predicted, parts_matrix):
@@ -58,43 +73,35 @@ def rectify(extracted, predicted, parts_matrix):
   return jnp.where(keep_m, predicted, fallback).astype(jnp.int32)
 
 
-@jax.jit
-def _score_and_predict(logits_fn, parts_fn, parts_matrix, x):
-  predicted = jnp.argmax(logits_fn(x), axis=-1)
-  extracted = parts_fn(x)
-  return detection_scores(extracted, predicted, parts_matrix), rectify(extracted, predicted, parts_matrix)
+def make(*, chunk: int = 128, temperature: float = 1.0, tau: float = 0.05) -> base.Defense:
+  """UnMask as a registry defense: nothing is learned beyond K's own extraction thresholds.
 
-
-def _check_ctx(ctx: base.Context):
-  if ctx.parts_fn is None or ctx.parts_matrix is None or ctx.logits_fn is None:
-    raise ValueError('UnMask needs ctx.logits_fn (M), ctx.parts_fn (K) and ctx.parts_matrix.')
-
-
-def _run(state, ctx, x, chunk):
-  state = base.require_fitted(state, 'unmask')
-  _check_ctx(ctx)
-  base.check_images(x, 'unmask')
-  lf, pf = base.as_partial(ctx.logits_fn, 'logits_fn'), base.as_partial(ctx.parts_fn, 'parts_fn')
-  v = state['parts_matrix']
-  # Fixed-size chunks: one compilation whatever the number of images, bounded memory.
-  return base.map_chunks(lambda xb, _: dict(zip(('score', 'pred'), _score_and_predict(lf, pf, v, xb))),
-                         x, chunk)
-
-
-def make(*, chunk: int = 128) -> base.Defense:
-  """UnMask as a registry defense: nothing is learned beyond K's own extraction thresholds."""
+  Args:
+    chunk: images per jitted call.
+    temperature: of the surrogate's soft part presence sigmoid(m_p / temperature) (logit units).
+    tau: temperature of the surrogate's corrected-class logits J(V[c], s) / tau.
+  """
+  if not temperature > 0 or not tau > 0:
+    raise ValueError(f'temperature and tau must be > 0, got {temperature}, {tau}')
+  name = 'unmask'
 
   def fit(ctx, data, key):
     del data, key
-    _check_ctx(ctx)
+    base.require(ctx, name, 'logits_fn', 'parts_fn', 'parts_matrix')
     return {'parts_matrix': jnp.asarray(ctx.parts_matrix, jnp.float32)}
 
-  def score(state, ctx, x, key):
+  def apply(state, ctx, x, key):
     del key
-    return _run(state, ctx, x, chunk)['score']
+    predicted = jnp.argmax(ctx.logits_fn(x), axis=-1)
+    extracted = ctx.parts_fn(x)
+    v = state['parts_matrix']
+    return base.Decision(detection_scores(extracted, predicted, v), rectify(extracted, predicted, v))
 
-  def predict(state, ctx, x, key):
+  def surrogate(state, ctx, x, key):
     del key
-    return _run(state, ctx, x, chunk)['pred']
+    predicted = jnp.argmax(ctx.logits_fn(x), axis=-1)
+    sims = soft_jaccard(part_extraction.soft_parts(ctx.parts_fn, x, temperature), state['parts_matrix'])
+    score = 1.0 - jnp.take_along_axis(sims, predicted[:, None], axis=1)[:, 0]
+    return base.Surrogate(score, sims / tau)
 
-  return base.Defense('unmask', fit, score, predict)
+  return base.Defense(name, fit, apply, surrogate, corrects=True, chunk=chunk)

@@ -13,6 +13,7 @@ kept every Mask R-CNN detection, i.e. a confidence threshold of 0 — a known de
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,82 @@ def extract_parts(logits, min_area: float, min_conf: float):
   confident = winner * (probs >= min_conf)
   area = confident.sum(axis=(1, 2))[:, 1:]
   return (area >= min_area).astype(jnp.float32)
+
+
+def pixel_margins(logits, min_conf: float):
+  """Per pixel and part, how far the pixel is from counting towards that part: [N, H, W, P].
+
+  A pixel counts for part p (class p + 1) when p is its arg-max class AND its probability is at
+  least min_conf. Both conditions as margins (> 0 when met):
+    m_arg  = z_p - max_{q != p} z_q             (logit margin of p over every other class)
+    m_conf = log softmax(z)_p - log(min_conf)   (log-probability above the confidence bar)
+  and the pixel's margin is min(m_arg, m_conf): > 0 iff the pixel counts.
+  """
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  # Max over the other classes for every class at once: the top-2 logits suffice.
+  top2 = jax.lax.top_k(logits, 2)[0]
+  other = jnp.where(logits >= top2[..., :1], top2[..., 1:2], top2[..., :1])
+  m = jnp.minimum(logits - other, logp - jnp.log(jnp.float32(min_conf)))
+  return m[..., 1:]
+
+
+def part_margins(logits, min_area: float, min_conf: float):
+  """Per image and part, the k-th largest pixel margin, k = ceil(min_area): [N, P].
+
+  Part p is extracted (`extract_parts`) iff at least min_area pixels count for it, i.e. iff its
+  k-th largest pixel margin is > 0; the margin itself is a differentiable measure of how present
+  (> 0) or absent (< 0) a part is, for attacks aimed at UnMask (a soft version of K's rule).
+  """
+  m = pixel_margins(logits, min_conf)
+  n, h, w, p = m.shape
+  k = max(1, min(h * w, int(math.ceil(min_area))))
+  flat = jnp.moveaxis(m.reshape(n, h * w, p), 1, 2)          # [N, P, H*W]
+  return jax.lax.top_k(flat, k)[0][..., k - 1]
+
+
+class PartRule:
+  """K's extraction rule with its thresholds as static (hashable) settings.
+
+  `jax.tree_util.Partial(PartRule(min_area, min_conf), segment_fn)` is the exact `x -> parts`
+  function a `Context` carries; `soft_parts` gives its differentiable surrogate. The thresholds
+  are static so that k = ceil(min_area) is a Python int when traced.
+  """
+  __slots__ = ('min_area', 'min_conf')
+
+  def __init__(self, min_area: float, min_conf: float):
+    self.min_area, self.min_conf = float(min_area), float(min_conf)
+
+  def __hash__(self):
+    return hash((PartRule, self.min_area, self.min_conf))
+
+  def __eq__(self, other):
+    return isinstance(other, PartRule) and (self.min_area, self.min_conf) == (other.min_area, other.min_conf)
+
+  def __repr__(self):
+    return f'PartRule(min_area={self.min_area:g}, min_conf={self.min_conf:g})'
+
+  def __call__(self, segment_fn, x):
+    return extract_parts(segment_fn(x), self.min_area, self.min_conf)
+
+
+def part_extractor(segment_fn, min_area: float, min_conf: float) -> jax.tree_util.Partial:
+  """K as a pure `x -> multi-hot parts [N, P]` Partial (weights are leaves; thresholds static)."""
+  return jax.tree_util.Partial(PartRule(min_area, min_conf), segment_fn)
+
+
+def soft_parts(parts_fn, x, temperature: float = 1.0):
+  """Differentiable part presence in (0, 1) [N, P]: sigmoid(part_margins / temperature).
+
+  > 0.5 exactly where `parts_fn` extracts the part (up to ties), so rounding it gives K's rule.
+  `parts_fn` must be made by `part_extractor`.
+  """
+  rule = getattr(parts_fn, 'func', None)
+  if not isinstance(rule, PartRule):
+    raise ValueError('This parts_fn has no differentiable surrogate: build it with '
+                     'models.part_extraction.part_extractor(segment_fn, min_area, min_conf).')
+  (segment_fn,) = parts_fn.args
+  return jax.nn.sigmoid(part_margins(segment_fn(x), rule.min_area, rule.min_conf) / temperature)
 
 
 def presence_prf(pred, true) -> dict:

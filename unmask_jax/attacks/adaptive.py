@@ -1,0 +1,176 @@
+"""Adaptive (defense-aware) attacks: fool the victim AND the defense around it.
+
+The attacker knows the defense, its fitted state and its operating threshold (white-box, the
+threat model of Carlini & Wagner 2017, "Adversarial examples are not easily detected"; Carlini et
+al. 2019, "On evaluating adversarial robustness"; Tramer et al. 2020, "On adaptive attacks to
+adversarial example defenses"). It aims at the defense through the defense's differentiable
+surrogate (`Defense.surrogate`; BPDA/EOT where the defense is random or non-differentiable) and
+judges success by the defense's EXACT decision (`Defense.apply`).
+
+For a target class t != y, with M's logits z, the defense's surrogate score s~ (threshold tau,
+clean-validation score std sigma) and, for correctors, its soft class logits z~:
+
+  m_t(x)  = z_t - max_{j != t} z_j                  (M's margin for t)
+  c_t(x)  = min(z~_t - max_{j != t} z~_j, kappa)     (the corrected class's margin; 0 if no corrector)
+  J_t(x)  = m_t(x)                                   if m_t(x) < kappa   (first fool M)
+          = kappa + (tau - s~(x)) / sigma + c_t(x)   otherwise           (then hide from the defense)
+
+a selective objective (Bryniarski et al. 2022, "Evading adversarial example detection defenses
+with orthogonal projected gradient descent", use the same idea): each step follows the gradient of
+the one condition that is not yet met, so the detector term never undoes the misclassification
+for long. The score term is not clipped: lower is always better, so the adversarial images end up
+looking MORE typical than clean ones when the defense allows it.
+
+  success(x') = M(x') != y  AND  s(x') <= tau  AND  (corrector: pred(x') != y)
+
+Every wrong class is a target (`targets='all'`: the C - 1 targets run as one batch of (C - 1) N
+images, so the steps stay one straight-line program); each example keeps its best iterate over
+steps, restarts and targets: a successful one if any, else the one with the lowest exact score.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from unmask_jax.attacks import common
+from unmask_jax.attacks.common import Array, LogitsFn
+
+# Base attacks that accept an objective and a success predicate.
+BASES = ('pgd_linf', 'pgd_l2')
+TARGETS = ('all', 'untargeted')
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=['apply', 'surrogate', 'threshold', 'scale'],
+                   meta_fields=['corrects', 'name'])
+@dataclasses.dataclass(frozen=True)
+class AttackTarget:
+  """A fitted defense as an attack target: exact decision, surrogate and operating point.
+
+  Build it with `target_of(defense, state, ctx)`. A pytree (functions are `Partial`s over the
+  defense's state and context), so it is an argument of the jitted attack.
+  """
+  apply: Callable
+  surrogate: Callable
+  threshold: Array
+  scale: Array
+  corrects: bool
+  name: str
+
+
+def target_of(defense, state: dict, ctx) -> AttackTarget:
+  """The `AttackTarget` of a fitted, calibrated defense (`defenses.base.calibrate`)."""
+  from unmask_jax.defenses import base
+  if 'threshold' not in state or 'score_scale' not in state:
+    raise ValueError(f'{defense.name}: the state has no operating threshold; call '
+                     'defenses.base.calibrate(defense, state, ctx, x_val, key) on clean validation '
+                     'images first.')
+  apply, surrogate = base.bind(defense, state, ctx)
+  return AttackTarget(apply, surrogate, jnp.asarray(state['threshold'], jnp.float32),
+                      jnp.asarray(state['score_scale'], jnp.float32), bool(defense.corrects),
+                      defense.name)
+
+
+def _margin_to(logits: Array, t: Array) -> Array:
+  """z_t - max_{j != t} z_j per example."""
+  return -common.margin(logits, t)
+
+
+def _decode(yt: Array, num_classes: int) -> tuple[Array, Array]:
+  return yt // num_classes, yt % num_classes
+
+
+def _objective(logits_fn, target, num_classes, kappa, yt, x, key):
+  y, t = _decode(yt, num_classes)
+  m = _margin_to(logits_fn(x), t)
+  sur = target.surrogate(x, key)
+  hide = (target.threshold - sur.score) / target.scale
+  if target.corrects and sur.logits is not None:
+    hide = hide + jnp.minimum(_margin_to(sur.logits, t), kappa)
+  del y
+  return jnp.where(m < kappa, m, kappa + hide)
+
+
+def _success(logits_fn, target, num_classes, yt, x, key):
+  y, _ = _decode(yt, num_classes)
+  d = target.apply(x, key)
+  ok = (jnp.argmax(logits_fn(x), axis=-1) != y) & (d.score <= target.threshold)
+  if target.corrects:
+    ok = ok & (d.pred != y)
+  return ok
+
+
+def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
+             base: str = 'pgd_linf(eps=8/255, steps=50)', targets: str = 'all',
+             kappa: float = 1.0, target: AttackTarget | None = None, eps: Any = None) -> Array:
+  """Adaptive attack on a defense (module docstring): misclassify M, evade the detector, and
+  (for correctors) keep the corrected class wrong.
+
+  Args:
+    logits_fn: the victim M, x -> logits [N, C].
+    x: clean images [N, H, W, C] in [0, 1]; y: true labels [N].
+    key: random starts and the defense's randomness (a fresh key per step: EOT).
+    base: the base attack spec, one of `BASES` with its eps/steps/restarts, e.g.
+      "pgd_linf(eps=16/255, steps=50, restarts=2)".
+    targets: 'all' (every wrong class, best per example) or 'untargeted' (t = M's runner-up
+      class at x, one run).
+    kappa: margin (in logits) M must reach before the attack turns to the defense.
+    target: the defense, `target_of(defense, state, ctx)`; required; pass it at call time.
+    eps: optional override of the base's eps (may be a traced scalar, to sweep eps with one
+      compilation).
+
+  Returns:
+    x_adv [N, H, W, C] in the base's eps-ball around x and in [0, 1].
+
+  Example:
+    >>> attack = attacks.compile_attack('adaptive(base="pgd_linf(eps=16/255, steps=50)")')
+    >>> x_adv = attack(logits_fn, x, y, key, target=adaptive.target_of(defense, state, ctx))
+  """
+  from unmask_jax import attacks as attacks_lib
+  if target is None:
+    raise ValueError('adaptive needs target=adaptive.target_of(defense, state, ctx): the defense '
+                     'it attacks')
+  if targets not in TARGETS:
+    raise ValueError(f'targets must be one of {TARGETS}, got {targets!r}')
+  common.check_positive(kappa, 'kappa', allow_zero=True)
+  spec = attacks_lib.parse_attack(base)
+  if spec.name not in BASES:
+    raise ValueError(f'adaptive: base must be one of {BASES}, got {spec.name!r}')
+  common.check_batch(x, y)
+  params = dict(spec.params)
+  if eps is not None:
+    params['eps'] = eps
+  n = x.shape[0]
+  num_classes = jax.eval_shape(logits_fn, x[:1]).shape[-1]
+  if targets == 'all':
+    ks = jnp.arange(1, num_classes)
+    t = ((y[None, :] + ks[:, None]) % num_classes).reshape(-1)      # [(C-1) N]
+    reps = num_classes - 1
+  else:
+    logits = logits_fn(x)
+    t = jnp.argmax(jnp.where(jax.nn.one_hot(y, num_classes, dtype=bool), -jnp.inf, logits), -1)
+    reps = 1
+  xs = jnp.tile(x, (reps, 1, 1, 1))
+  # One label array carries (true class, target): the base attack passes it through unchanged.
+  yt = (jnp.tile(y, reps) * num_classes + t).astype(jnp.int32)
+  objective = jax.tree_util.Partial(_objective, logits_fn, target, num_classes, kappa)
+  success = jax.tree_util.Partial(_success, logits_fn, target, num_classes)
+  fn = functools.partial(spec.fn, **params)
+  x_all = fn(logits_fn, xs, yt, key, objective=lambda xx, yy, kk: objective(yy, xx, kk),
+             success=lambda xx, yy, kk: success(yy, xx, kk))
+  if reps == 1:
+    return x_all
+  # Best over targets: successful first, then the lowest exact score.
+  k_eval = jax.random.fold_in(key, 2 ** 20)
+  ok = success(yt, x_all, k_eval).reshape(reps, n)
+  score = target.apply(x_all, k_eval).score.reshape(reps, n)
+  rank = jnp.where(ok, score - 1e9, score)
+  pick = jnp.argmin(rank, axis=0)
+  return x_all.reshape(reps, n, *x.shape[1:])[pick, jnp.arange(n)]
+
+
+__all__ = ['AttackTarget', 'BASES', 'adaptive', 'target_of']
