@@ -3,7 +3,9 @@
 DenseNet-121: dense blocks of (6, 12, 24, 16) bottleneck layers (BN-ReLU-1x1 conv to
 bn_size * growth_rate, BN-ReLU-3x3 conv to growth_rate), transitions that compress the channels
 by `compression` and average-pool by 2. With growth rate 32, 1000 classes and the ImageNet stem it
-has torchvision's 7,978,856 parameters.
+has torchvision's 7,978,856 parameters and computes torchvision's function (final norm5 + ReLU
+before the global mean; transitions floor odd sizes as AvgPool2d(2, 2)): its weights load with
+`models.torch_import`.
 
 Example:
   model = densenet121(num_classes=10, growth_rate=4, stem='cifar', rngs=nnx.Rngs(0))

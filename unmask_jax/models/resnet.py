@@ -2,7 +2,10 @@
 
 BasicBlock for depths 10/18/34 and Bottleneck for 50, with the stride of a downsampling bottleneck
 on its 3x3 convolution (torchvision's "v1.5"). With `width=64`, 1000 classes and the ImageNet
-stem, the parameter counts equal torchvision's: ResNet-18 11,689,512 and ResNet-50 25,557,032.
+stem, the parameter counts equal torchvision's: ResNet-18 11,689,512 and ResNet-50 25,557,032,
+and so does the function (padding k // 2, max-pool padded with -inf, BN eps 1e-5 and momentum 0.1,
+conv1x1 + BN downsample): torchvision weights load with `models.torch_import` (ImageNet mean/std
+passed as `mean`/`std`) and give torchvision's logits to ~1e-5.
 
 Example:
   model = resnet18(num_classes=10, width=16, stem='cifar', rngs=nnx.Rngs(0))
