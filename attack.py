@@ -16,7 +16,8 @@ flags.mark_flags_as_required(['workdir'])
 
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False,
-    'Redo every listed attack even if a result is stored; needed when the seed, batch size, spec or model differ from the stored ones.')
+    'Redo every listed attack even if a result is stored; needed when the seed, batch size, spec or '
+    'model differ from the stored ones.')
 
 
 def main(argv):

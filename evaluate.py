@@ -15,7 +15,8 @@ flags.mark_flags_as_required(['workdir'])
 
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False,
-    'Refit every defense instead of reusing the states fitted in --workdir (they are refitted anyway when the config or an input changed).')
+    'Refit every defense instead of reusing the states fitted in --workdir (they are refitted anyway '
+    'when the config or an input changed).')
 
 
 def main(argv):

@@ -16,7 +16,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/main', 'Where every stage writes
 
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False,
-    "Redo every stage (training, attacks, evaluation) instead of reusing the cached outputs in --workdir; needed when a stage's config changed.")
+    'Redo every stage (training, attacks, evaluation) instead of reusing the cached outputs in '
+    "--workdir; needed when a stage's config changed.")
 
 
 def main(argv):

@@ -15,7 +15,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False,
-    "Discard this workdir's training outputs (checkpoints, metrics, final.json) and train from scratch; needed when the config differs from the one that made them.")
+    "Discard this workdir's training outputs (checkpoints, metrics, final.json) and train from "
+    'scratch; needed when the config differs from the one that made them.')
 
 
 def main(argv):

@@ -31,7 +31,7 @@ def _fail(message: str):
 def _int(cfg, field: str, prefix: str, lo: int = 0) -> None:
   v = cfg.get(field)
   if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-    _fail(f'{prefix}.{field} must be an integer >= {lo}, got {v!r}; set e.g. --config.{prefix.split(".", 1)[1] + "." if "." in prefix else ""}{field}={max(lo, 1)}')
+    _fail(f'{prefix}.{field} must be an integer >= {lo}, got {v!r}; set e.g. {prefix}.{field}={max(lo, 1)}')
 
 
 def _number(cfg, field: str, prefix: str, lo: float, *, strict: bool, hi: float | None = None,

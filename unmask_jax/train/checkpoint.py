@@ -176,8 +176,12 @@ def verify_tree(tree, recorded: dict[str, str], where: str) -> None:
   missing = sorted(set(recorded) - set(actual))
   bad = [k for k in sorted(actual) if recorded.get(k) != actual[k]]
   if missing or bad:
-    what = f'arrays {missing[:3]} are missing' if missing else f'array {bad[0]!r} does not match the sha256 recorded when it was saved'
-    raise CheckpointError(f'{where} is corrupted: {what}{f" ({len(bad)} arrays differ)" if len(bad) > 1 else ""}. '
+    if missing:
+      what = f'arrays {missing[:3]} are missing'
+    else:
+      what = f'array {bad[0]!r} does not match the sha256 recorded when it was saved'
+      what += f' ({len(bad)} arrays differ)' if len(bad) > 1 else ''
+    raise CheckpointError(f'{where} is corrupted: {what}. '
                           'Delete it (or the workdir) and train again (or rerun with --overwrite); a '
                           'damaged checkpoint is never loaded.')
 
