@@ -41,5 +41,18 @@ def get_config():
       'class_sets': ('cs3a',),
       'attacks': ('PGD-Linf-8', 'PGD-Linf-16', 'MIFGSM-Linf-8', 'MIFGSM-Linf-16', 'PGD-L2-600'),
       'n_images': 32, 'val_size': 32, 'max_iters': 250})
+  # The adaptive (white-box, defense-aware) evaluation: every defense attacked by
+  # attacks.adaptive, paired with the gray-box attack of the same norm and eps, on the first
+  # n_images test images (unmask_jax/eval/adaptive_eval.py). n_images=0 turns it off.
+  c.adaptive = ml_collections.ConfigDict({
+      'n_images': 200,
+      'attacks': ('PGD-Linf-8', 'PGD-Linf-16', 'PGD-L2-600'),
+      'steps': 50, 'restarts': 1, 'targets': 'all', 'kappa': 1.0,
+      'defenses': (),                 # () = every defense of c.defenses
+      # Attacked only here (DIP restores every image at every attack step: BPDA + EOT).
+      'extra_defenses': ('deep_protection(iters=100, widths=(16, 32), chunk=16)',),
+      'small': {'deep_protection': {'n_images': 16, 'steps': 10},
+                'mc_dropout': {'n_images': 100}, 'lr_combiner': {'n_images': 100}},
+  })
   c.extra_sections = ()    # markdown files appended to report.md (the main job adds the digits study)
   return c

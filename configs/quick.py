@@ -33,4 +33,7 @@ def get_config():
                          'lr_combiner(members=("mc_dropout(T=8)", "kde", "kl"))', 'mrr(n=1)',
                          'mrr(n=2)')
   c.evaluate.batch_size = 32
+  c.evaluate.adaptive.update({'n_images': 12, 'steps': 4, 'attacks': ('PGD-Linf-8', 'PGD-L2-600'),
+                              'extra_defenses': ('deep_protection(iters=10, widths=(8, 16), chunk=8)',)})
+  c.evaluate.adaptive.small = {'deep_protection': {'n_images': 4, 'steps': 2}}
   return c

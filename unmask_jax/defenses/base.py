@@ -131,6 +131,9 @@ class Defense(NamedTuple):
     chunk: images per jitted call of `decide`.
     host_check: optional (state, x) -> None run by `decide` on the host before applying (e.g. the
       LR combiner's check that it never scores an image it was fitted on).
+    fit_adversarial: optional (state, ctx, x_clean, x_adv, key) -> state, for a defense that also
+      learns from adversarial examples of a HELD-OUT split (the LR combiner); the evaluation then
+      fits one state per attack.
   """
   name: str
   fit: Callable[[Context, dict, Array], State]
@@ -140,6 +143,7 @@ class Defense(NamedTuple):
   static: tuple = ()
   chunk: int = 128
   host_check: Optional[Callable[[State, Any], None]] = None
+  fit_adversarial: Optional[Callable] = None
 
   def decide(self, state: State, ctx: Context, x, key) -> dict[str, np.ndarray]:
     """`apply` on the host: {'score': [N], 'pred': [N] if it corrects, 'flagged': [N] if the
@@ -199,13 +203,18 @@ def bind(defense: Defense, state: State, ctx: Context):
   """(apply_fn, surrogate_fn): `(x, key) -> Decision / Surrogate` as `Partial`s over the state and
   context (pytree leaves), so they can be passed into a jitted attack without retracing."""
   arrays, static = split_state(require_fitted(state, defense.name), defense.static)
-  apply = jax.tree_util.Partial(_with_state, defense.apply, static, arrays, ctx)
-  surrogate = jax.tree_util.Partial(_with_state, defense.surrogate, static, arrays, ctx)
+  apply = jax.tree_util.Partial(_with_state(defense.apply, static), arrays, ctx)
+  surrogate = jax.tree_util.Partial(_with_state(defense.surrogate, static), arrays, ctx)
   return apply, surrogate
 
 
-def _with_state(fn, static, arrays, ctx, x, key):
-  return fn({**arrays, **dict(static)}, ctx, x, key)
+@functools.lru_cache(maxsize=None)
+def _with_state(fn, static):
+  """`(arrays, ctx, x, key) -> fn(state, ctx, x, key)`: the function and its static entries are
+  the `Partial`'s static part, one object per (fn, static) so that jit caches hit across binds."""
+  def bound(arrays, ctx, x, key):
+    return fn({**arrays, **dict(static)}, ctx, x, key)
+  return bound
 
 
 def calibrate(defense: Defense, state: State, ctx: Context, x_val, key, *,

@@ -250,8 +250,13 @@ def make(*, members: Sequence[Union[str, base.Defense]] = DEFAULT_MEMBERS, C: fl
     if check_disjoint:
       assert_disjoint(state, x)
 
+  def fit_adversarial(state, ctx, x_clean, x_adv, key):
+    """`fit_combiner` with the noise matched to this attack's per-image perturbation."""
+    return fit_combiner(state, ctx, x_clean, x_adv, matched_noise_std(x_clean, x_adv), key,
+                        members=members)
+
   return base.Defense(name, fit, apply, surrogate, chunk=min(m.chunk for m in built),
-                      host_check=host_check)
+                      host_check=host_check, fit_adversarial=fit_adversarial)
 
 
 def lr_decision(state: base.State, feats, output: str = 'decision') -> np.ndarray:

@@ -9,7 +9,9 @@ Honest-evaluation rules applied here:
 * defenses are fitted on clean training images only; the LR combiner's logistic regression (the
   one detector that needs adversarial examples to fit) is fitted on attacks of the first validation
   images (`holdout_attacks_dir`), and thresholds then use only the other validation images;
-* MRR and other defenses with their own operating point (`state['flag_threshold']`, e.g. MRR's
+* every defense's state carries its operating threshold (`defenses.base.calibrate`: 5% FPR on
+  clean validation images, unless the defense has its own, e.g. MRR's security parameter);
+* MRR and other defenses with their own operating point (`state['threshold']`, e.g. MRR's
   security parameter) also get flag rates and defense success at that point;
 * positives = successful adversarial examples, negatives = their own clean counterparts
   (contamination 0.5); accuracies are also reported with contamination 1 and on clean data;
@@ -29,16 +31,10 @@ from unmask_jax import data as data_lib
 from unmask_jax import defenses as defenses_lib
 from unmask_jax.data import parts as parts_lib
 from unmask_jax.data import pipeline
-from unmask_jax.defenses import combiner
 from unmask_jax.eval import attack_runner, metrics
 from unmask_jax.models import functional, part_extraction
-from unmask_jax.registry import parse_spec
 from unmask_jax.train import checkpoint as ckpt
 from unmask_jax.utils import named_key as _key_for
-
-
-def _extract(segment_fn, min_area, min_conf, x):
-  return part_extraction.extract_parts(segment_fn(x), min_area, min_conf)
 
 
 def load_part_extractor(k_dir: str) -> tuple[jax.tree_util.Partial, dict]:
@@ -51,8 +47,9 @@ def load_part_extractor(k_dir: str) -> tuple[jax.tree_util.Partial, dict]:
     raise ckpt.CheckpointError(f'{path} is missing: run train_k.py to the end (it chooses the '
                                'extraction thresholds on validation).')
   ex = ckpt.read_json(path)
-  fn = jax.tree_util.Partial(_extract, functional.segment_fn(model), float(ex['min_area']),
-                             float(ex['min_conf']))
+  # The exact rule, with a differentiable surrogate for adaptive attacks (part_extraction.soft_parts).
+  fn = part_extraction.part_extractor(functional.segment_fn(model), float(ex['min_area']),
+                                      float(ex['min_conf']))
   return fn, {**ex, 'fingerprint': ckpt.model_fingerprint(model)}
 
 
@@ -122,19 +119,13 @@ def load_defenders(mrr_dir: str, m_spec: dict) -> tuple[tuple, list[dict]]:
   return tuple(fns), info
 
 
-def _is_combiner(spec: str) -> bool:
-  return parse_spec(spec)[0] == 'lr_combiner'
-
-
-def _flag_stats(state, s_clean, s_adv, success, clean_correct) -> dict | None:
-  """At a defense's own operating point (state['flag_threshold'], e.g. MRR's SP): flag rates.
+def _flag_stats(state, s_clean, s_adv, success, clean_correct) -> dict:
+  """At a defense's own operating point (state['threshold'], e.g. MRR's SP): flag rates.
 
   defense_success = share of the images M classifies correctly when clean on which the attack
-  fails or is flagged (seed 002's measure).
+  fails or is flagged (Rouhani et al. 2018's measure).
   """
-  if 'flag_threshold' not in state:
-    return None
-  t = float(state['flag_threshold'])
+  t = float(state['threshold'])
   flagged = np.asarray(s_adv) > t
   ok = np.asarray(clean_correct, bool)
   return {'clean_flag_rate': metrics.rate_above(s_clean, t),
@@ -219,38 +210,33 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
       if 'parts' in test.arrays else None
 
   fit_data = {'image': pipeline.to_float(train.arrays['image']), 'label': train.arrays['label']}
+  holdout_data = None
+  if holdout_index is not None:
+    holdout_data = {'x_clean': x_holdout, 'attacks': holdout_adv}
   det_states = {}
   # Wall seconds per defense (fit when not cached, then scoring/prediction): its cost in the report.
   cost = out['defense_seconds'] = {name: 0.0 for name in config.defenses}
   for name in config.defenses:
     t0 = time.perf_counter()
-    d = defenses_lib.make(name)
-    if _is_combiner(name) and holdout_index is None:
-      raise ValueError(f'{name} needs held-out adversarial examples: give the class set a '
-                       'holdout_attacks_dir (attack.py --config.split=validation).')
-    state = _fitted_state(workdir, cs_name, name,
-                          lambda: d.fit(ctx, fit_data, _key_for(root, cs_name, name, 'fit')))
-    det_states[name] = (d, state)
+    d = make_defense(name)
+    det_states[name] = (d, fitted_states(d, name, ctx, fit_data, x_val, holdout_data, adv, root,
+                                         cs_name, workdir))
     cost[name] += time.perf_counter() - t0
 
-  clean_scores, val_scores = {}, {}
-  for name, (d, state) in det_states.items():
+  # Clean validation/test decisions (one per state: a defense fitted per attack has one per attack).
+  clean_dec, val_dec = {}, {}
+  for name, (d, states) in det_states.items():
     t0 = time.perf_counter()
-    if _is_combiner(name):
-      # Member scores once per image set; one LR per attack is applied to them below.
-      feats = lambda x, tag, state=state, name=name: combiner.member_scores(
-          state, ctx, x, _key_for(root, cs_name, name, tag))
-      val_scores[name], clean_scores[name] = feats(x_val, 'val'), feats(x_test, 'clean')
-      cost[name] += time.perf_counter() - t0
-      continue
-    val_scores[name] = np.asarray(d.score(state, ctx, x_val, _key_for(root, cs_name, name, 'val')))
-    clean_scores[name] = np.asarray(d.score(state, ctx, x_test, _key_for(root, cs_name, name, 'clean')))
-    if d.predict is not None:
-      out['clean'][name] = _accuracy(d.predict(state, ctx, x_test, _key_for(root, cs_name, name, 'cpred')), y_test)
-    if 'flag_threshold' in state:
-      out['flags_clean'][name] = {
-          'validation': metrics.rate_above(val_scores[name], float(state['flag_threshold'])),
-          'test': metrics.rate_above(clean_scores[name], float(state['flag_threshold']))}
+    for sk, state in states.items():
+      val_dec[name, sk] = d.decide(state, ctx, x_val, _key_for(root, cs_name, name, 'val'))
+      clean_dec[name, sk] = d.decide(state, ctx, x_test, _key_for(root, cs_name, name, 'clean'))
+    first = next(iter(states))
+    if d.corrects:
+      out['clean'][name] = _accuracy(clean_dec[name, first]['pred'], y_test)
+    if own_operating_point(states[first]):
+      t = float(states[first]['threshold'])
+      out['flags_clean'][name] = {'validation': metrics.rate_above(val_dec[name, first]['score'], t),
+                                  'test': metrics.rate_above(clean_dec[name, first]['score'], t)}
     cost[name] += time.perf_counter() - t0
 
   for label, r in adv.items():
@@ -265,29 +251,34 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
     if 'parts' in test.arrays:
       a['k_presence_f1_adv'] = part_extraction.presence_prf(ex_adv, test.arrays['parts'])['f1']
       a['k_presence_f1_clean'] = out['k_clean_presence']['f1']
-    for name, (d, state) in det_states.items():
+    for name, (d, states) in det_states.items():
+      sk = label if label in states else ('' if '' in states else None)
+      if sk is None:   # fitted per attack, and this attack has no held-out fitting data
+        continue
       t0 = time.perf_counter()
-      if _is_combiner(name):
-        scores = _combiner_scores(name, state, ctx, label, x_holdout, holdout_adv, r['x_adv'],
-                                  x_val, x_test, val_scores[name], clean_scores[name], root,
-                                  cs_name, workdir)
-        if scores is None:
-          continue
-        s_val, s_clean, s_adv = scores
-      else:
-        s_val, s_clean = val_scores[name], clean_scores[name]
-        s_adv = np.asarray(d.score(state, ctx, r['x_adv'], _key_for(root, cs_name, name, label)))
-      if d.predict is not None:
-        a['accuracy'][name] = _accuracy(d.predict(state, ctx, r['x_adv'], _key_for(root, cs_name, name, label, 'p')),
-                                        y_test)
-      flags = _flag_stats(state, s_clean, s_adv, succ, clean_correct)
-      if flags is not None:
-        a['flags'][name] = flags
+      state = states[sk]
+      dec = d.decide(state, ctx, r['x_adv'], _key_for(root, cs_name, name, label))
+      s_val, s_clean, s_adv = val_dec[name, sk]['score'], clean_dec[name, sk]['score'], dec['score']
+      if d.corrects:
+        a['accuracy'][name] = _accuracy(dec['pred'], y_test)
+      if own_operating_point(state):
+        a['flags'][name] = _flag_stats(state, s_clean, s_adv, succ, clean_correct)
       if succ.sum() >= 2:
         a['detection'][name] = metrics.detection_report(s_val, s_clean[succ], s_adv[succ])
         a['roc'][name] = {'neg': s_clean[succ].tolist(), 'pos': s_adv[succ].tolist()}
       cost[name] += time.perf_counter() - t0
     out['attacks'][label] = a
+  adaptive_cfg = config.get('adaptive', None)
+  if adaptive_cfg is not None and adaptive_cfg.get('n_images', 0):
+    from unmask_jax.eval import adaptive_eval
+    t0 = time.perf_counter()
+    out['adaptive'] = adaptive_eval.evaluate_adaptive(
+        adaptive_cfg, det_states, ctx, x_test, y_test,
+        {l: {**r, 'norm': index['attacks'][l]['norm'], 'eps': index['attacks'][l]['eps']} for l, r in adv.items()},
+        clean_dec, _key_for(root, cs_name, 'adaptive'),
+        make_defense=make_defense, fit=lambda d, n: fitted_states(d, n, ctx, fit_data, x_val, None, adv,
+                                                                    root, cs_name, workdir))
+    out['adaptive_seconds'] = round(time.perf_counter() - t0, 1)
   dip_cfg = config.get('dip', None)
   if dip_cfg is not None and cs_name in dip_cfg.class_sets:
     t0 = time.perf_counter()
@@ -342,30 +333,51 @@ def _add_deep_protection(out, dip_cfg, ctx, val, x_val, test, x_test, y_test, ad
                        'pos': np.asarray(per[label]['residual_fixed'])[succ].tolist()}
 
 
-def _combiner_scores(name, state, ctx, label, x_holdout, holdout_adv, x_adv, x_val, x_test,
-                     feats_val, feats_clean, root, cs_name, workdir):
-  """(val, clean test, adversarial test) scores of the LR combiner fitted for attack `label`.
+_DEFENSE_CACHE: dict = {}
 
-  The LR is fitted (seed 004 / Feinman et al.: one per attack) on the held-out validation images
-  this attack succeeded on: their clean versions and Gaussian-noisy copies with the attack's
-  per-image RMS perturbation as negatives, the adversarial versions as positives. None if the
-  held-out split has no such attack or fewer than 2 successes.
+
+def make_defense(spec: str):
+  """`defenses.make(spec)`, one object per spec: equal specs share jit caches across class sets."""
+  if spec not in _DEFENSE_CACHE:
+    _DEFENSE_CACHE[spec] = defenses_lib.make(spec)
+  return _DEFENSE_CACHE[spec]
+
+
+def own_operating_point(state) -> bool:
+  """Whether the defense set its threshold itself (e.g. MRR's SP) rather than `calibrate`."""
+  return 'threshold' in state and 'threshold_fpr' not in state
+
+
+def fitted_states(d, name, ctx, fit_data, x_val, holdout, adv, root, cs_name, workdir) -> dict:
+  """{state key: fitted, calibrated state} of one defense, cached in `workdir/states`.
+
+  One state ('') for defenses fitted on clean data only. A defense that also learns from
+  adversarial examples (`fit_adversarial`, e.g. the LR combiner; Feinman et al. fit one per
+  attack) gets one state per attack label, fitted on the held-out validation attacks of that
+  label: their clean versions, matched-noise copies and the successful adversarial versions.
+  Thresholds are then calibrated on the OTHER clean validation images.
   """
-  h = holdout_adv.get(label)
-  if h is None:
-    return None
-  ok = h['success'].astype(bool)
-  if ok.sum() < 2:
-    return None
-  x_h = x_holdout[ok]
-  fitted = _fitted_state(
-      workdir, cs_name, f'{name}_{label}',
-      lambda: combiner.fit_combiner(state, ctx, x_h, h['x_adv'][ok],
-                                    combiner.matched_noise_std(x_h, h['x_adv'][ok]),
-                                    _key_for(root, cs_name, name, label, 'lr')))
-  combiner.assert_disjoint(fitted, x_val, x_test, x_adv)   # never score what the LR was fitted on
-  feats_adv = combiner.member_scores(fitted, ctx, x_adv, _key_for(root, cs_name, name, label))
-  return tuple(combiner.lr_decision(fitted, f) for f in (feats_val, feats_clean, feats_adv))
+  from unmask_jax.defenses import base
+  clean = _fitted_state(workdir, cs_name, name,
+                        lambda: d.fit(ctx, fit_data, _key_for(root, cs_name, name, 'fit')))
+  calib = lambda st, tag: base.calibrate(d, st, ctx, x_val, _key_for(root, cs_name, name, tag, 'cal'))
+  if d.fit_adversarial is None:
+    return {'': _fitted_state(workdir, cs_name, f'{name}_calibrated', lambda: calib(clean, ''))}
+  if holdout is None:
+    raise ValueError(f'{name} learns from adversarial examples: give the class set a '
+                     'holdout_attacks_dir (attack.py --config.split=validation).')
+  states = {}
+  for label in adv:
+    h = holdout['attacks'].get(label)
+    if h is None or h['success'].astype(bool).sum() < 2:
+      continue
+    ok = h['success'].astype(bool)
+    x_h, x_a = holdout['x_clean'][ok], h['x_adv'][ok]
+    states[label] = _fitted_state(
+        workdir, cs_name, f'{name}_{label}',
+        lambda: calib(d.fit_adversarial(clean, ctx, x_h, x_a, _key_for(root, cs_name, name, label, 'lr')),
+                      label))
+  return states
 
 
 def _safe(name: str) -> str:
