@@ -5,6 +5,7 @@ Every classifier M is an `nnx.Module` with
   features(x, *, dropout_key=None) -> [N, feature_dim]   penultimate (last hidden) activations
   head(feats, *, dropout_key=None) -> [N, num_classes]   the remaining layer(s), logits
   __call__(x, *, dropout_key=None) -> logits            head(features(x))
+  intermediates(x, *, dropout_key=None) -> {name: [N, ...]}   named activations of one pass
 
 Conventions:
   * `x` is float NHWC with pixels in [0, 1]; the model normalizes it by `(x - mean) / std`.
@@ -148,11 +149,22 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.maximum(rows[:, :, 0::2], rows[:, :, 1::2])
 
 
+def record(out: dict | None, name: str, x: jax.Array) -> jax.Array:
+  """Stores `x` as `out[name]` if `out` is a dict (see `Classifier.intermediates`); returns x."""
+  if out is not None:
+    if name in out:
+      raise ValueError(f'intermediate {name!r} recorded twice')
+    out[name] = x
+  return x
+
+
 class Classifier(nnx.Module):
   """Base class of the classifiers M: normalization, input checks and `__call__`.
 
   Subclasses call `_init_input` in their constructor, set `num_classes` and `feature_dim`, and
-  implement `features` (starting with `self._normalize(x)`) and `head`.
+  implement `features` (starting with `self._normalize(x)`) and `head`; to expose named layers in
+  `intermediates`, they implement `_features(x, dropout_key, out)` and `features` as its call
+  with `out=None`.
 
   Attributes:
     num_classes: number of output logits.
@@ -198,3 +210,31 @@ class Classifier(nnx.Module):
     """
     k_features, k_head = split_key(dropout_key, 2)
     return self.head(self.features(x, dropout_key=k_features), dropout_key=k_head)
+
+  def intermediates(self, x: jax.Array, *,
+                    dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Named intermediate activations of one forward pass: {layer name: [N, ...]}.
+
+    big_vision's `logits, out = model(x)` pattern: the layers before `features` record their
+    outputs in a dict as they run (`_features`), then 'features' ([N, feature_dim], the
+    penultimate activations) and 'logits' ([N, num_classes]) are added, so every classifier has
+    at least those two. Their values are those of `features` and `__call__` with the same
+    `dropout_key` (the same operations; the recorded arrays are just also returned). Subclass
+    names, in forward order, are listed in their docstrings (e.g. 'conv1', 'block0', ...).
+    """
+    k_features, k_head = split_key(dropout_key, 2)
+    out: dict[str, jax.Array] = {}
+    feats = self._features(x, k_features, out)
+    out['features'] = feats
+    out['logits'] = self.head(feats, dropout_key=k_head)
+    return out
+
+  def _features(self, x: jax.Array, dropout_key: jax.Array | None,
+                out: dict | None) -> jax.Array:
+    """`features(x)`, recording named activations before them in `out` when it is a dict.
+
+    The default records nothing; subclasses with named layers override it and define
+    `features(x)` as `self._features(x, dropout_key, None)`, so both run the same code.
+    """
+    del out
+    return self.features(x, dropout_key=dropout_key)

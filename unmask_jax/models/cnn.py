@@ -6,6 +6,10 @@ from Artifacts", 2017) for the kernel-density and Bayesian-uncertainty detectors
   Conv(32, 3x3) - ReLU - Conv(64, 3x3) - ReLU - MaxPool(2) - Dropout(0.25) - Flatten
   - Dense(128) - ReLU - Dropout(0.5) - Dense(num_classes)
 
+Named intermediates (`intermediates`): CNNMnist 'conv1', 'conv2' (post-ReLU), 'pool'; CNNSmall
+'block0', 'block1', ... (each conv-BN-ReLU, before pooling), 'pool' (global average); both then
+'features' and 'logits'.
+
 28x28x1 with 10 classes has 1,199,882 parameters. `CNNSmall` is a compact conv-BN-ReLU network
 with global average pooling, sized to train in a minute or two on a 2-core CPU.
 
@@ -85,11 +89,15 @@ class CNNMnist(base.Classifier):
     self.fc2 = base.dense(feature_dim, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    return self._features(x, dropout_key, None)
+
+  def _features(self, x, dropout_key, out):
     x = self._normalize(x)
     if tuple(x.shape[1:3]) != self.image_size:
       raise ValueError(f'CNNMnist was built for {self.image_size} images, got shape {x.shape}')
-    x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
-    x = base.max_pool_2x2(x)
+    x = base.record(out, 'conv1', nnx.relu(self.conv1(x)))
+    x = base.record(out, 'conv2', nnx.relu(self.conv2(x)))
+    x = base.record(out, 'pool', base.max_pool_2x2(x))
     x = base.dropout(self.dropout1, x, dropout_key)
     x = x.reshape(x.shape[0], -1)
     return nnx.relu(self.fc1(x))
@@ -136,13 +144,16 @@ class CNNSmall(base.Classifier):
     self.fc2 = base.dense(feature_dim, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    return self._features(x, dropout_key, None)
+
+  def _features(self, x, dropout_key, out):
     del dropout_key  # Dropout is only before the head.
     x = self._normalize(x)
     for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-      x = nnx.relu(bn(conv(x)))
+      x = base.record(out, f'block{i}', nnx.relu(bn(conv(x))))
       if i < len(self.convs) - 1:
         x = base.max_pool_2x2(x)
-    return nnx.relu(self.fc1(base.global_avg_pool(x)))
+    return nnx.relu(self.fc1(base.record(out, 'pool', base.global_avg_pool(x))))
 
   def head(self, feats: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     return self.fc2(base.dropout(self.dropout, feats, dropout_key))

@@ -53,6 +53,9 @@ class Transition(nnx.Module):
 class DenseNet(base.Classifier):
   """DenseNet-BC classifier; `features` is the pooled output of the final BN-ReLU.
 
+  Named intermediates (`intermediates`): 'stem', then per dense block b 'block{b}' (its
+  concatenated output) and, between blocks, 'transition{b}'; then 'features', 'logits'.
+
   Args:
     num_classes: number of logits.
     in_channels: channels of the input images.
@@ -107,16 +110,21 @@ class DenseNet(base.Classifier):
     self.fc = base.dense(ch, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    return self._features(x, dropout_key, None)
+
+  def _features(self, x, dropout_key, out):
     del dropout_key  # DenseNet has dropout only before the head.
     x = self.stem_conv(self._normalize(x))
     if self.stem_bn is not None:
       x = nnx.relu(self.stem_bn(x))
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = base.record(out, 'stem', x)
     for b, layers in enumerate(self.dense_blocks):
       for layer in layers:
         x = jnp.concatenate([x, layer(x)], axis=-1)
+      x = base.record(out, f'block{b}', x)
       if b < len(self.transitions):
-        x = self.transitions[b](x)
+        x = base.record(out, f'transition{b}', self.transitions[b](x))
     return base.global_avg_pool(nnx.relu(self.final_bn(x)))
 
   def head(self, feats: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:

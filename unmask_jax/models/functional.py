@@ -7,6 +7,8 @@ model's state (parameters and BatchNorm statistics) in eval mode (running-averag
   features_fn(model)   x -> penultimate activations [N, D]   (dropout off)
   head_fn(model)       feats [N, D] -> logits                (dropout off)
   mc_logits_fn(model)  (x, key) -> logits, dropout active    (one MC-dropout sample)
+  intermediates_fn(model)  x -> {layer name: activations [N, ...]}  (dropout off; includes
+                       'features' and 'logits', equal to features_fn and logits_fn)
   segment_fn(model)    x -> per-pixel logits [N, H, W, P + 1] (for the part segmenter K)
 
 Because the weights are leaves, a function can be passed as an argument to a jitted function
@@ -34,7 +36,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-_METHODS = ('logits', 'features', 'head', 'mc_logits', 'segment')
+_METHODS = ('logits', 'features', 'head', 'mc_logits', 'segment', 'intermediates')
 
 
 class _Apply:
@@ -84,6 +86,9 @@ def _apply(spec: _Apply, state, *args):
   if spec.method == 'mc_logits':
     x, key = args
     return model(x, dropout_key=key)
+  if spec.method == 'intermediates':
+    (x,) = args
+    return model.intermediates(x)
   raise ValueError(f'unknown method {spec.method!r}; expected one of {_METHODS}')
 
 
@@ -124,6 +129,18 @@ def mc_logits_fn(model: nnx.Module) -> jax.tree_util.Partial:
   """
   _require(model, 'features', 'head')
   return _bind(model, 'mc_logits')
+
+
+def intermediates_fn(model: nnx.Module) -> jax.tree_util.Partial:
+  """Returns a pure `x -> {layer name: activations [N, ...]}` of a classifier, dropout off.
+
+  The model's named intermediate activations (`Classifier.intermediates`: e.g. each conv block's
+  output, then 'features' [N, D] and 'logits' [N, num_classes]) from one forward pass, as
+  big_vision's `(logits, out)`; for `defenses.base.Context.intermediates_fn` (e.g. the LID
+  detector). Keys come back sorted (a dict's pytree order), not in forward order.
+  """
+  _require(model, 'features', 'head', 'intermediates')
+  return _bind(model, 'intermediates')
 
 
 def segment_fn(model: nnx.Module) -> jax.tree_util.Partial:

@@ -84,6 +84,9 @@ class Projection(nnx.Module):
 class ResNet(base.Classifier):
   """ResNet classifier; `features` is the global-average-pooled output of the last stage.
 
+  Named intermediates (`intermediates`): 'stem' (after its max-pool, if any), 'block0', 'block1',
+  ... (each residual block's output, in order), 'features', 'logits'.
+
   Args:
     depth: 10, 18, 34 (BasicBlock) or 50 (Bottleneck).
     num_classes: number of logits.
@@ -131,13 +134,17 @@ class ResNet(base.Classifier):
     self.fc = base.dense(in_ch, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    return self._features(x, dropout_key, None)
+
+  def _features(self, x, dropout_key, out):
     del dropout_key  # ResNet has dropout only before the head.
     x = self._normalize(x)
     x = nnx.relu(self.stem_bn(self.stem_conv(x)))
     if self.stem == 'imagenet':
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for block in self.blocks:
-      x = block(x)
+    x = base.record(out, 'stem', x)
+    for i, block in enumerate(self.blocks):
+      x = base.record(out, f'block{i}', block(x))
     return base.global_avg_pool(x)
 
   def head(self, feats: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
