@@ -12,6 +12,7 @@ DEFENSES = Registry('defense', {
     'lr_combiner': 'unmask_jax.defenses.combiner:make',
     'deep_protection': 'unmask_jax.defenses.deep_protection:make',
     'mrr': 'unmask_jax.defenses.mrr:make',
+    'lid': 'unmask_jax.defenses.lid:make',
 })
 
 
