@@ -29,7 +29,7 @@ def get_config():
   c.class_sets = ml_collections.ConfigDict({n: class_set_dirs('runs/main', n) for n in ('cs3a', 'cs3b')})
   # lr_combiner needs the class set's holdout_attacks_dir, mrr its mrr_dir (see main.py / README).
   c.defenses = ('unmask', 'mc_dropout(metric="mutual_information")', 'kde', 'kl', 'lr_combiner',
-                'mrr(n=1)', 'mrr(n=2)', 'mrr(n=4)', 'mrr(n=4, sp=5)')
+                'mrr(n=1)', 'mrr(n=2)', 'mrr(n=4)', 'mrr(n=4, sp=5)', 'lid')
   c.max_validation = 0     # clean validation images for thresholds (0 = all)
   c.max_fit = 2000         # clean training images the defenses are fitted on
   c.batch_size = 128
@@ -46,11 +46,16 @@ def get_config():
   # n_images test images (unmask_jax/eval/adaptive_eval.py). n_images=0 turns it off.
   c.adaptive = ml_collections.ConfigDict({
       'n_images': 200,
+      'class_sets': (),               # () = every class set
       'attacks': ('PGD-Linf-8', 'PGD-Linf-16', 'PGD-L2-600'),
       'steps': 50, 'restarts': 1, 'targets': 'all', 'kappa': 1.0,
+      # 'orthogonal' (Bryniarski et al. 2022) or 'selective': see attacks/adaptive.py.
+      'objective': 'orthogonal',
       'defenses': (),                 # () = every defense of c.defenses
       # Attacked only here (DIP restores every image at every attack step: BPDA + EOT).
       'extra_defenses': ('deep_protection(iters=100, widths=(16, 32), chunk=16)',),
+      # Sanity check: success with one more restart on a subset must not be lower.
+      'budget_check': {'defense': 'kde', 'attack': 'PGD-Linf-8', 'n_images': 50},
       'small': {'deep_protection': {'n_images': 16, 'steps': 10},
                 'mc_dropout': {'n_images': 100}, 'lr_combiner': {'n_images': 100}},
   })

@@ -2,7 +2,8 @@
 
   python3 main.py --config=configs/quick.py --workdir=runs/quick
 """
-from configs import digits_study, main
+from configs import main
+from experiments.digits import config as digits_study
 
 
 def get_config():
@@ -31,9 +32,13 @@ def get_config():
   c.evaluate.max_fit = 64
   c.evaluate.defenses = ('unmask', 'mc_dropout(metric="mutual_information", T=8)', 'kde', 'kl',
                          'lr_combiner(members=("mc_dropout(T=8)", "kde", "kl"))', 'mrr(n=1)',
-                         'mrr(n=2)')
+                         'mrr(n=2)', 'lid(k=10, batch=50)')
   c.evaluate.batch_size = 32
-  c.evaluate.adaptive.update({'n_images': 12, 'steps': 4, 'attacks': ('PGD-Linf-8', 'PGD-L2-600'),
+  # The adaptive stage compiles one attack per defense and norm: in the smoke run, one class set,
+  # one attack and three defenses (a detector, a corrector, a randomised one) keep it short.
+  c.evaluate.adaptive.update({'n_images': 12, 'steps': 4, 'attacks': ('PGD-Linf-8',),
+                              'class_sets': ('cs3a',), 'defenses': ('unmask', 'kde'),
                               'extra_defenses': ('deep_protection(iters=10, widths=(8, 16), chunk=8)',)})
   c.evaluate.adaptive.small = {'deep_protection': {'n_images': 4, 'steps': 2}}
+  c.evaluate.adaptive.budget_check.n_images = 8
   return c

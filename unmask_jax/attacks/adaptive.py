@@ -84,15 +84,57 @@ def _decode(yt: Array, num_classes: int) -> tuple[Array, Array]:
   return yt // num_classes, yt % num_classes
 
 
-def _objective(logits_fn, target, num_classes, kappa, yt, x, key):
-  y, t = _decode(yt, num_classes)
-  m = _margin_to(logits_fn(x), t)
+def _fool_term(logits_fn, num_classes, yt, x):
+  return _margin_to(logits_fn(x), _decode(yt, num_classes)[1])
+
+
+def _hide_term(target, num_classes, kappa, yt, x, key):
+  """(tau - s~(x)) / sigma + c_t(x): > 0 when the surrogate would not flag (module docstring)."""
   sur = target.surrogate(x, key)
   hide = (target.threshold - sur.score) / target.scale
   if target.corrects and sur.logits is not None:
-    hide = hide + jnp.minimum(_margin_to(sur.logits, t), kappa)
-  del y
-  return jnp.where(m < kappa, m, kappa + hide)
+    hide = hide + jnp.minimum(_margin_to(sur.logits, _decode(yt, num_classes)[1]), kappa)
+  return hide
+
+
+def _objective(logits_fn, target, num_classes, kappa, yt, x, key):
+  m = _fool_term(logits_fn, num_classes, yt, x)
+  return jnp.where(m < kappa, m, kappa + _hide_term(target, num_classes, kappa, yt, x, key))
+
+
+def _project_out(a, b):
+  """a minus its component along b, per example ([N, D] rows)."""
+  coef = jnp.sum(a * b, -1, keepdims=True) / (jnp.sum(b * b, -1, keepdims=True) + 1e-20)
+  return a - coef * b
+
+
+def _orthogonal_objective(logits_fn, target, num_classes, kappa, yt, x, key):
+  """The selective objective's value with the gradient of orthogonal PGD (Bryniarski et al.
+  2022): while M is not fooled, the fooling gradient minus its component along the hiding
+  gradient (a step that does not move the defense's score, to first order); then the hiding
+  gradient minus its component along the fooling one. Sign steps (L-inf) of either term alone
+  can undo the other forever (e.g. a detector of the mean pixel against a victim whose weights
+  all have one sign); the projection removes that conflict.
+
+  The returned value is J(x) and its gradient is the projected one: J + <x, g> - <x, g> with
+  stop-gradients, so the base attack needs no special case.
+  """
+  # Per-example gradients of each term (examples do not interact, so a vjp with ones suffices).
+  m, m_vjp = jax.vjp(lambda xx: _fool_term(logits_fn, num_classes, yt, xx), x)
+  (gm,) = m_vjp(jnp.ones_like(m))
+  h, h_vjp = jax.vjp(lambda xx: _hide_term(target, num_classes, kappa, yt, xx, key), x)
+  (gh,) = h_vjp(jnp.ones_like(h))
+  n = x.shape[0]
+  gm_f, gh_f = gm.reshape(n, -1), gh.reshape(n, -1)
+  fooling = (m < kappa)[:, None]
+  g = jnp.where(fooling, _project_out(gm_f, gh_f), _project_out(gh_f, gm_f)).reshape(x.shape)
+  g = jax.lax.stop_gradient(g)
+  value = jax.lax.stop_gradient(jnp.where(m < kappa, m, kappa + h))
+  inner = jnp.sum((x * g).reshape(n, -1), -1)
+  return value + inner - jax.lax.stop_gradient(inner)
+
+
+OBJECTIVES = {'selective': _objective, 'orthogonal': _orthogonal_objective}
 
 
 def _success(logits_fn, target, num_classes, yt, x, key):
@@ -106,7 +148,8 @@ def _success(logits_fn, target, num_classes, yt, x, key):
 
 def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
              base: str = 'pgd_linf(eps=8/255, steps=50)', targets: str = 'all',
-             kappa: float = 1.0, target: AttackTarget | None = None, eps: Any = None) -> Array:
+             kappa: float = 1.0, objective: str = 'selective', target: AttackTarget | None = None,
+             eps: Any = None) -> Array:
   """Adaptive attack on a defense (module docstring): misclassify M, evade the detector, and
   (for correctors) keep the corrected class wrong.
 
@@ -119,6 +162,8 @@ def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
     targets: 'all' (every wrong class, best per example) or 'untargeted' (t = M's runner-up
       class at x, one run).
     kappa: margin (in logits) M must reach before the attack turns to the defense.
+    objective: 'selective' (the gradient of the one unmet condition) or 'orthogonal' (that
+      gradient with its component along the other condition's removed; Bryniarski et al. 2022).
     target: the defense, `target_of(defense, state, ctx)`; required; pass it at call time.
     eps: optional override of the base's eps (may be a traced scalar, to sweep eps with one
       compilation).
@@ -137,6 +182,8 @@ def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
   if targets not in TARGETS:
     raise ValueError(f'targets must be one of {TARGETS}, got {targets!r}')
   common.check_positive(kappa, 'kappa', allow_zero=True)
+  if objective not in OBJECTIVES:
+    raise ValueError(f'objective must be one of {tuple(OBJECTIVES)}, got {objective!r}')
   spec = attacks_lib.parse_attack(base)
   if spec.name not in BASES:
     raise ValueError(f'adaptive: base must be one of {BASES}, got {spec.name!r}')
@@ -157,10 +204,10 @@ def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
   xs = jnp.tile(x, (reps, 1, 1, 1))
   # One label array carries (true class, target): the base attack passes it through unchanged.
   yt = (jnp.tile(y, reps) * num_classes + t).astype(jnp.int32)
-  objective = jax.tree_util.Partial(_objective, logits_fn, target, num_classes, kappa)
+  obj = jax.tree_util.Partial(OBJECTIVES[objective], logits_fn, target, num_classes, kappa)
   success = jax.tree_util.Partial(_success, logits_fn, target, num_classes)
   fn = functools.partial(spec.fn, **params)
-  x_all = fn(logits_fn, xs, yt, key, objective=lambda xx, yy, kk: objective(yy, xx, kk),
+  x_all = fn(logits_fn, xs, yt, key, objective=lambda xx, yy, kk: obj(yy, xx, kk),
              success=lambda xx, yy, kk: success(yy, xx, kk))
   if reps == 1:
     return x_all
@@ -173,4 +220,4 @@ def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
   return x_all.reshape(reps, n, *x.shape[1:])[pick, jnp.arange(n)]
 
 
-__all__ = ['AttackTarget', 'BASES', 'adaptive', 'target_of']
+__all__ = ['AttackTarget', 'BASES', 'OBJECTIVES', 'TARGETS', 'adaptive', 'target_of']

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -317,12 +316,12 @@ def check_images(x, name: str) -> None:
 
 
 def save_state(path: str, state: State) -> None:
-  """Writes a flat dict of arrays atomically (write to a temp file, then rename)."""
-  tmp = f'{path}.tmp.npz'
-  np.savez(tmp, **{k: np.asarray(v) for k, v in state.items()})
-  os.replace(tmp, path)
+  """Writes a flat dict of arrays atomically, with a sha256 per array (`checkpoint.save_npz_verified`)."""
+  from unmask_jax.train import checkpoint
+  checkpoint.save_npz_verified(path, state)
 
 
 def load_state(path: str) -> State:
-  with np.load(path, allow_pickle=False) as f:
-    return {k: f[k] for k in f.files}
+  """Reads a state written by `save_state`; any changed byte is an error naming the file."""
+  from unmask_jax.train import checkpoint
+  return checkpoint.load_npz_verified(path)

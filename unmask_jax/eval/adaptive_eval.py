@@ -88,7 +88,11 @@ def evaluate_adaptive(cfg, det_states, ctx, x_test, y_test, adv, clean_dec, key,
   from unmask_jax.utils import named_key
   n = min(int(cfg.n_images), len(x_test))
   names = list(cfg.get('defenses', ()) or det_states)
-  entries = {nm: det_states[nm] for nm in names if nm in det_states}
+  unknown = [nm for nm in names if nm not in det_states]
+  if unknown:
+    raise ValueError(f'adaptive.defenses names {unknown}, which the evaluation did not fit; use '
+                     f'entries of config.defenses ({list(det_states)}) or adaptive.extra_defenses.')
+  entries = {nm: det_states[nm] for nm in names}
   for spec in cfg.get('extra_defenses', ()):
     d = make_defense(spec)
     entries[spec] = (d, fit(d, spec))
@@ -112,7 +116,8 @@ def evaluate_adaptive(cfg, det_states, ctx, x_test, y_test, adv, clean_dec, key,
       a = adv[label]
       norm, eps = str(a['norm']), float(a['eps'])
       base = f'{_BASE[norm]}(eps={eps!r}, steps={steps}, restarts={int(cfg.restarts)})'
-      spec = f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r})'
+      spec = (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
+              f'objective={cfg.get("objective", "orthogonal")!r})')
       t0 = time.perf_counter()
       # One compilation per (defense, norm, steps): eps is passed as a traced scalar.
       ck = (name, norm, steps)
@@ -164,7 +169,41 @@ def evaluate_adaptive(cfg, det_states, ctx, x_test, y_test, adv, clean_dec, key,
             f'{row["graybox_success"]:.3f}, worst case {row["worst_case_success"]:.3f}), '
             f'AUC {row["auc"]:.3f}, {seconds:.0f}s')
     out[name] = rows
+  check = cfg.get('budget_check', None)
+  if check is not None and check.get('n_images', 0) and check.defense in entries and out.get(check.defense):
+    out_check = _budget_check(cfg, check, entries[check.defense], ctx, x_test, y_test, adv, key)
+    if out_check:
+      out[check.defense][out_check['attack']]['budget_check'] = out_check
   return out
+
+
+def _budget_check(cfg, check, entry, ctx, x_test, y_test, adv, key) -> dict | None:
+  """Attack success with `restarts` and `restarts + 1` restarts on the same images: more budget
+  must never lower it (each example keeps its best iterate over restarts)."""
+  from unmask_jax.utils import named_key
+  d, states = entry
+  label = check.get('attack', '') or cfg.attacks[0]
+  sk = label if label in states else ''
+  if label not in adv or sk not in states:
+    return None
+  state, a = states[sk], adv[label]
+  norm, eps = str(a['norm']), float(a['eps'])
+  n = min(int(check.n_images), len(x_test))
+  x, y = x_test[:n], np.asarray(y_test[:n])
+  target = adaptive_lib.target_of(d, state, ctx)
+  rates = {}
+  for restarts in (int(cfg.restarts), int(cfg.restarts) + 1):
+    base = f'{_BASE[norm]}(eps={eps!r}, steps={int(cfg.steps)}, restarts={restarts})'
+    spec = (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
+            f'objective={cfg.get("objective", "orthogonal")!r})')
+    x_adv = np.asarray(attacks.compile_attack(spec)(ctx.logits_fn, jnp.asarray(x), jnp.asarray(y, jnp.int32),
+                                                     named_key(key, 'budget'), target=target))
+    x_q = round_to_8bit(x_adv, x, norm, eps)
+    dec = d.decide(state, ctx, x_q, named_key(key, 'budget', 'eval'))
+    m_pred = np.asarray(jnp.argmax(ctx.logits_fn(jnp.asarray(x_q)), -1))
+    rates[restarts] = float(attack_success(dec, m_pred, y, d.corrects).mean())
+  (r0, s0), (r1, s1) = rates.items()
+  return {'attack': label, 'n_images': n, 'restarts': [r0, r1], 'success': [s0, s1]}
 
 
 def sanity_checks(adaptive: dict) -> list[str]:
@@ -180,6 +219,12 @@ def sanity_checks(adaptive: dict) -> list[str]:
       v = r['ball_violations'] + r['ball_violations_8bit']
       lines.append(f'{"OK" if v == 0 else "WARNING"}: {name} {label}: {v} images outside the '
                    f'eps-ball or [0, 1] (float and 8-bit)')
+      b = r.get('budget_check')
+      if b:
+        ok = b['success'][1] + 1e-9 >= b['success'][0]
+        lines.append(f'{"OK" if ok else "WARNING"}: {name} {label}: more restarts never lower '
+                     f'success: {b["restarts"][0]} -> {b["restarts"][1]} restarts, success '
+                     f'{b["success"][0]:.3f} -> {b["success"][1]:.3f} on {b["n_images"]} images')
   return lines
 
 
