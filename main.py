@@ -9,6 +9,7 @@ an interrupted one.
 """
 from absl import flags
 
+from experiments.digits import study as digits_study
 from unmask_jax import cli, pipeline
 
 _CONFIG = cli.define_config('config', 'configs/main.py', 'Path to the main-job config.')
@@ -22,7 +23,9 @@ _OVERWRITE = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  pipeline.run_main(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  config = _CONFIG.value
+  pipeline.run_main(config, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                    extra_stages=digits_study.main_job_stages(config))
 
 
 if __name__ == '__main__':

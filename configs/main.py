@@ -9,7 +9,8 @@ Expect (2-core CPU): see README "Results" for the measured wall time and numbers
 """
 import ml_collections
 
-from configs import attack, digits_study, evaluate, mrr_defender, synthparts_k, synthparts_m
+from configs import attack, evaluate, mrr_defender, synthparts_k, synthparts_m
+from experiments.digits import config as digits_study
 
 
 def get_config():

@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pytest
 
-from configs import digits_study as digits_config
+from experiments.digits import config as digits_config
 from unmask_jax import data as data_lib
 from unmask_jax.data import pipeline as data_pipeline
 from unmask_jax.defenses import combiner
-from unmask_jax.eval import digits_study
+from experiments.digits import study as digits_study
 from unmask_jax.train import checkpoint as ckpt
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from configs import evaluate as evaluate_config
 from configs import quick
+from experiments.digits import study as digits_study
 from unmask_jax import pipeline
 from unmask_jax.eval import attack_runner
 
@@ -19,14 +20,16 @@ def quick_run(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('quick'))
   c = quick.get_config()
   c.data_dir = os.path.join(wd, 'data')
-  report = pipeline.run_main(c, wd)
+  report = pipeline.run_main(c, wd, extra_stages=digits_study.main_job_stages(c))
   return wd, c, report
 
 
 def test_quick_main_job_writes_report_with_all_sections(quick_run):
-  wd, _, report = quick_run
+  wd, c, report = quick_run
   text = open(report).read()
-  for section in ('## Findings', '## Accuracy (Table IV form', '## Detection (contamination 0.5)',
+  for section in ('## Findings', '## Headline: attack success, per-image worst case',
+                  '### Adaptive attacks, per defense', '## Accuracy (gray-box; Table IV form',
+                  '## Detection (gray-box; contamination 0.5)',
                   '## MRR at its security parameter', '## Part extraction K under attack',
                   '## Sanity checks of the attacks', '## Digits: seed 004 study'):
     assert section in text
@@ -51,7 +54,19 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
   # Every kind of detector reached the detection table, the combiner included.
   kinds = {d.split('(')[0] for d in detected}
   # (DIP's residual reaches it only when >= 2 of its 6 images were attacked successfully.)
-  assert kinds - {'deep_protection'} == {'unmask', 'mc_dropout', 'kde', 'kl', 'lr_combiner', 'mrr'}
+  assert kinds - {'deep_protection'} == {'unmask', 'mc_dropout', 'kde', 'kl', 'lr_combiner', 'mrr', 'lid'}
+  # The adaptive section: the quick config attacks UnMask, KDE and Deep Protection on cs3a only.
+  ad = cs3a['adaptive']
+  assert set(ad) == {'unmask', 'kde', c.evaluate.adaptive.extra_defenses[0]}
+  assert 'adaptive' not in results['class_sets']['cs3b']
+  for name, rows in ad.items():
+    r = rows['PGD-Linf-8']
+    assert r['ball_violations'] == 0 and r['ball_violations_8bit'] == 0
+    # Worst case is per image over both attacks: never below either.
+    assert r['worst_case_success'] >= max(r['adaptive_success'], r['graybox_success']) - 1e-9
+  assert ad['kde']['PGD-Linf-8']['budget_check']['success'][1] >= \
+      ad['kde']['PGD-Linf-8']['budget_check']['success'][0]
+  assert 'Threat model: per-image worst case' in text and 'more restarts never lower' in text
   # The combiner's held-out split: 12 validation images attacked, thresholds on the other 24.
   assert cs3a['n_combiner_holdout'] == 12 and cs3a['n_validation'] == 24
   # MRR flags at its own operating point; 2 defenders were trained and loaded.
@@ -69,14 +84,15 @@ def test_second_run_skips_finished_stages(quick_run):
   before = os.path.getmtime(report)
   attacks_index = os.path.join(wd, 'attacks_cs3a', attack_runner.INDEX)
   before_idx = os.path.getmtime(attacks_index)
-  pipeline.run_main(c, wd)
+  pipeline.run_main(c, wd, extra_stages=digits_study.main_job_stages(c))
   assert os.path.getmtime(report) == before and os.path.getmtime(attacks_index) == before_idx
   last = json.loads(open(os.path.join(wd, 'stage_seconds.jsonl')).read().strip().splitlines()[-1])
   assert 'evaluate' not in last and last['train K'] < 10
   # A changed evaluation config re-runs only the evaluation.
   c2 = c.copy_and_resolve_references()
   c2.evaluate.max_fit = 48
-  pipeline.run_main(c2, wd)
+  c2.evaluate.adaptive.n_images = 0   # (keeps the test short; the adaptive stage is tested above)
+  pipeline.run_main(c2, wd, extra_stages=digits_study.main_job_stages(c2))
   last = json.loads(open(os.path.join(wd, 'stage_seconds.jsonl')).read().strip().splitlines()[-1])
   assert 'evaluate' in last and os.path.getmtime(report) > before
   assert os.path.getmtime(attacks_index) == before_idx

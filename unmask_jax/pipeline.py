@@ -128,6 +128,8 @@ def validate_evaluate_config(config, prefix: str = '--config', need_inputs: bool
     except (ValueError, SyntaxError) as e:
       _fail(f'{prefix}.defenses entry {spec!r} is not a valid spec ({e}); write e.g. "kde(bandwidth=0.3)"')
     _one_of(name, defenses_lib.DEFENSES.names(), f'the defense name in {prefix}.defenses entry {spec!r}')
+  if config.get('adaptive', None) is not None:
+    _validate_adaptive(config.adaptive, f'{prefix}.adaptive')
   if not need_inputs:
     return
   if not config.class_sets:
@@ -329,6 +331,31 @@ def evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
   return out
 
 
+def _validate_adaptive(a, prefix: str) -> None:
+  """The adaptive-evaluation block of the evaluate config (eval/adaptive_eval.py)."""
+  from unmask_jax import defenses as defenses_lib
+  from unmask_jax.attacks import adaptive as adaptive_lib
+  from unmask_jax.registry import parse_spec
+  _int(a, 'n_images', prefix, 0)
+  if not a.n_images:
+    return
+  _int(a, 'steps', prefix, 1)
+  _int(a, 'restarts', prefix, 1)
+  _one_of(a.targets, adaptive_lib.TARGETS, f'{prefix}.targets')
+  _one_of(a.get('objective', 'orthogonal'), tuple(adaptive_lib.OBJECTIVES), f'{prefix}.objective')
+  if not float(a.kappa) >= 0:
+    _fail(f'{prefix}.kappa must be >= 0 (a margin in logits), got {a.kappa!r}')
+  if not a.attacks:
+    _fail(f'{prefix}.attacks is empty: name the gray-box attack labels to pair with, e.g. '
+          "('PGD-Linf-8',), or set {prefix}.n_images=0 to skip the adaptive evaluation")
+  for spec in tuple(a.get('defenses', ())) + tuple(a.get('extra_defenses', ())):
+    try:
+      name, _ = parse_spec(spec)
+    except (ValueError, SyntaxError) as e:
+      _fail(f'{prefix} defense {spec!r} is not a valid spec ({e})')
+    _one_of(name, defenses_lib.DEFENSES.names(), f'the defense name in {prefix} entry {spec!r}')
+
+
 def validate_main_config(config) -> None:
   """Every stage's config of the main job, checked before the first stage runs."""
   if 'combiner_holdout' in config:
@@ -353,8 +380,11 @@ def _with_data(cfg, data_dir: str, options: dict):
   return cfg
 
 
-def run_main(config, workdir: str, *, overwrite: bool = False) -> str:
+def run_main(config, workdir: str, *, overwrite: bool = False, extra_stages=()) -> str:
   """The main job: data -> K -> M and AT-M per class set -> attacks -> evaluation -> report.md.
+
+  `extra_stages`: (name, fn(workdir, eval_dir) -> markdown section) pairs run before the
+  evaluation, whose sections end the report (main.py passes the digits study of experiments/).
 
   Every stage is cached in `workdir`: training resumes from its last checkpoint (and returns at
   once when finished), attack.py skips finished attacks, evaluation is skipped while its config
@@ -431,20 +461,21 @@ def run_main(config, workdir: str, *, overwrite: bool = False) -> str:
   e_cfg.class_sets = ml_collections.ConfigDict(eval_sets)
   eval_dir = os.path.join(workdir, 'eval')
   report_path = os.path.join(eval_dir, 'report.md')
-  if config.get('digits', None) is not None:
-    # Seed 004's study on the embedded digits; its section is appended to the main report.
-    from unmask_jax.eval import digits_study
-    result = stage('digits study', lambda: digits_study.run_digits_study(
-        config.digits, os.path.join(workdir, 'digits')))
-    section = os.path.join(eval_dir, 'digits_section.md')
-    text = digits_study.report_section(result, relative_to=eval_dir)
+  sections = []
+  for name, run_study in extra_stages:
+    # A study outside the library (experiments/, e.g. the digits study): it runs in its own
+    # subfolder and returns a markdown section, appended to the main report.
+    text = stage(name, lambda: run_study(workdir, eval_dir))
+    section = os.path.join(eval_dir, f'{"".join(c if c.isalnum() else "_" for c in name)}_section.md')
     os.makedirs(eval_dir, exist_ok=True)
     if not os.path.exists(section) or open(section).read() != text:
       with open(section, 'w') as f:
         f.write(text)
-    e_cfg.extra_sections = (section,)
-  # Re-evaluate when the evaluation config or any input (a model, an attack index, the digits
-  # section) changed since the report was written: `evaluate` records the key when it finishes.
+    sections.append(section)
+  if sections:
+    e_cfg.extra_sections = tuple(sections)
+  # Re-evaluate when the evaluation config or any input (a model, an attack index, an extra
+  # stage's section) changed since the report was written: `evaluate` records the key when it finishes.
   key_path = os.path.join(eval_dir, EVALUATION_KEY)
   fresh = (not overwrite and os.path.exists(report_path) and os.path.exists(key_path)
            and ckpt.read_json(key_path) == evaluation_key(e_cfg))

@@ -1,7 +1,7 @@
-"""Seed 004's detection study on the embedded digits (`unmask_jax/eval/digits_study.py`).
+"""Seed 004's detection study on the embedded digits (`experiments/digits/study.py`).
 
-  python3 -m unmask_jax.eval.digits_study --workdir=runs/digits
-  python3 -m unmask_jax.eval.digits_study --config=configs/digits_study.py:tiny --workdir=/tmp/d
+  python3 -m experiments.digits.study --workdir=runs/digits
+  python3 -m experiments.digits.study --config=experiments/digits/config.py:tiny --workdir=/tmp/d
 
 Trains the dropout CNN of `configs/digits_cnn.py` on scikit-learn's 8x8 digits (train 1078 /
 validation 360 / test 359 images), attacks it with FGSM, BIM and PGD-L∞ at a low and a high eps,

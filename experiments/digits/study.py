@@ -9,7 +9,7 @@ claims: uncertainty metrics detect better at low eps (the "low-confidence window
 eps, and the combination is at least as good as the best single metric.
 
 `run_digits_study(config, workdir)` runs that study on scikit-learn's 8x8 digits (real data,
-embedded) with `configs/digits_study.py`:
+embedded) with `experiments/digits/config.py`:
 
 1. trains the Feinman/seed-004 dropout CNN (`configs/digits_cnn.py`; cached: a finished run
    returns at once);
@@ -174,7 +174,7 @@ def run_digits_study(config, workdir: str, *, reuse: bool = True) -> dict:
   """Runs the study into `workdir` (see the module docstring); returns the result dict.
 
   Args:
-    config: `configs/digits_study.py` (`get_config()` or `tiny()`).
+    config: `experiments/digits/config.py` (`get_config()` or `tiny()`).
     workdir: holds `model/`, `attacks_test/`, `attacks_validation/`, `digits_study.json`,
       `digits_study.md` and `digits_roc.png`. Training and attacks are cached there; the scoring
       is skipped too when `digits_study.json` was made with the same config, model and attacks.
@@ -291,8 +291,7 @@ def _run_attacks(cfg, workdir: str, model_dir: str, entries) -> tuple[dict, dict
     index[split] = ckpt.read_json(os.path.join(a_dir, attack_runner.INDEX))
     adv[split] = {}
     for label, *_ in entries:
-      with np.load(os.path.join(a_dir, f'{label}.npz')) as f:
-        adv[split][label] = {k: f[k] for k in f.files}
+      adv[split][label] = attack_runner.load_result(a_dir, label)   # sha256-verified
   return adv, index
 
 
@@ -744,6 +743,18 @@ def _notes(result: dict) -> list[str]:
   return notes
 
 
+def main_job_stages(config) -> list:
+  """The main job's stage for this study (`pipeline.run_main(..., extra_stages=...)`): runs it
+  on `config.digits` in `<workdir>/digits` and returns its report section; [] without `digits`."""
+  if config.get('digits', None) is None:
+    return []
+
+  def run(workdir: str, eval_dir: str) -> str:
+    result = run_digits_study(config.digits, os.path.join(workdir, 'digits'))
+    return report_section(result, relative_to=eval_dir)
+  return [('digits study', run)]
+
+
 def main(argv) -> None:
   del argv
   from absl import flags
@@ -755,7 +766,7 @@ def main(argv) -> None:
 if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', 'configs/digits_study.py', 'configs/digits_study.py '
+  config_flags.DEFINE_config_file('config', 'experiments/digits/config.py', 'experiments/digits/config.py '
                                   '(":tiny" for the test variant).', lock_config=True)
   flags.DEFINE_string('workdir', 'runs/digits', 'Output directory (cached stages are reused).')
   app.run(main)
