@@ -20,6 +20,9 @@ def base() -> ml_collections.ConfigDict:
       'enabled': False, 'eps': 4 / 255, 'steps': 7, 'step_size_factor': 2.5})
   c.extraction = ml_collections.ConfigDict({
       'conf_grid': (0.3, 0.5, 0.7, 0.9), 'area_grid': (1, 2, 3, 4, 6, 8, 12)})
+  # A workdir whose weights start the training (fine-tuning), e.g. torchvision weights converted
+  # by `python3 -m unmask_jax.models.torch_import`; '' = from scratch (seeded initialization).
+  c.init_from = ''
   c.center_loss_weight = 0.0   # > 0 only for MRR defenders (configs/mrr_defender.py)
   c.debug_stop_after_steps = 0
   return c

@@ -151,3 +151,29 @@ def test_adversarial_training_line_search_uses_validation_only(data_dir, tmp_pat
     assert idx['split'] == 'validation'
   with pytest.raises(ValueError, match='1/255 units'):
     pipeline.at_line_search(c, str(tmp_path), [0.03])
+
+
+def test_init_from_starts_from_the_given_weights_and_checks_the_model(data_dir, tmp_path):
+  """--config.init_from (fine-tuning, e.g. from converted torchvision weights): the new run starts
+  at the other workdir's weights, not at its seeded initialization; another architecture is a
+  one-line ConfigError."""
+  from flax import nnx
+  from unmask_jax import errors, models
+  src = str(tmp_path / 'src')
+  trainer.train_and_evaluate(_cfg('m', data_dir, seed=3), src)
+  src_model, spec = ckpt.load_model(src)
+  fresh = models.create(spec['model'], num_classes=spec['num_classes'], in_channels=spec['in_channels'],
+                        rngs=nnx.Rngs(0), **spec['model_kwargs'])
+  trainer._init_from(fresh, spec, src)
+  for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(src_model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A whole run: a different result than from scratch, and keyed by init_from.
+  tuned = trainer.train_and_evaluate(_cfg('m', data_dir, init_from=src), str(tmp_path / 'tuned'))
+  scratch = trainer.train_and_evaluate(_cfg('m', data_dir), str(tmp_path / 'scratch'))
+  assert any(not np.array_equal(x, y) for x, y in zip(_params(str(tmp_path / 'tuned')),
+                                                      _params(str(tmp_path / 'scratch'))))
+  assert ckpt.read_json(os.path.join(str(tmp_path / 'tuned'), 'config.json'))['init_from'] == src
+  assert tuned['test'] is not None and scratch['test'] is not None
+  other = dict(spec, model_kwargs={**spec['model_kwargs'], 'feature_dim': 7})
+  with pytest.raises(errors.ConfigError, match='another model'):
+    trainer._init_from(fresh, other, src)

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unmask_jax import data as data_lib
+from unmask_jax import errors
 from unmask_jax import models
 from unmask_jax.data import parts as parts_lib
 from unmask_jax.data import pipeline
@@ -228,7 +229,28 @@ def run_config(config) -> dict:
   for k in _NOT_IN_CACHE_KEY:
     d.pop(k, None)
   d.get('data', {}).pop('data_dir', None)
+  if not d.get('init_from'):
+    d.pop('init_from', None)   # training from scratch keys as before the option existed
   return d
+
+
+def _init_from(model, spec: dict, init_dir: str) -> None:
+  """Starts training from the weights in `init_dir` (e.g. torchvision weights converted by
+  `python3 -m unmask_jax.models.torch_import`): fine-tuning instead of training from scratch.
+
+  The model there must be the same architecture, class count and input normalization as this
+  config's (`model.json`); a resumed run restores its own checkpoint over these weights.
+  """
+  init_model, init_spec = ckpt.load_model(init_dir)
+  same = lambda v: json.dumps(v, sort_keys=True)   # JSON lists vs in-memory tuples
+  diff = {k: (init_spec.get(k), spec.get(k)) for k in ('model', 'num_classes', 'in_channels', 'model_kwargs')
+          if same(init_spec.get(k)) != same(spec.get(k))}
+  if diff:
+    raise errors.ConfigError(
+        f'config.init_from={init_dir!r} holds another model than this config builds: '
+        + '; '.join(f'{k} {a!r} there vs {b!r} here' for k, (a, b) in diff.items())
+        + '. Set --config.model.* (and the data/class count) to match it.')
+  nnx.update(model, nnx.state(init_model))
 
 
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict:
@@ -264,6 +286,8 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False) -> dict
   model = models.create(spec['model'], num_classes=spec['num_classes'],
                         in_channels=spec['in_channels'], rngs=nnx.Rngs(config.seed),
                         **spec['model_kwargs'])
+  if config.get('init_from', ''):
+    _init_from(model, spec, config.init_from)
   model.train()
   train_arrays = {k: v for k, v in splits['train'].arrays.items()
                   if k in (('image', 'label') if task == 'classifier' else ('image', 'mask'))}
