@@ -1,4 +1,4 @@
-"""The dropout CNN of seed 004 / Feinman et al. (Conv-Conv-Pool-Dropout-Dense128-Dropout-Dense)
+"""The dropout CNN of Tuna et al. 2021 / Feinman et al. (Conv-Conv-Pool-Dropout-Dense128-Dropout-Dense)
 on scikit-learn's embedded 8x8 digits.
 
   python3 train_m.py --config=configs/digits_cnn.py --workdir=runs/digits_cnn

@@ -34,7 +34,7 @@ def get_config():
   c.max_fit = 2000         # clean training images the defenses are fitted on
   c.batch_size = 128
   c.seed = 0
-  # Deep Protection (DIP restoration, seed 003) costs ~300 network fits per image-batch, so it is
+  # Deep Protection (DIP restoration, Kulkarni & Ambati) costs ~300 network fits per image-batch, so it is
   # evaluated on a subset: the first n_images test images, clean and under these attacks (see
   # unmask_jax/eval/dip_study.py:default_config for every option). class_sets=() turns it off.
   c.dip = ml_collections.ConfigDict({

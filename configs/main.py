@@ -26,11 +26,11 @@ def get_config():
   c.at.num_epochs = 12              # each AT step costs 8 forward-backward passes
   c.attack = attack.get_config()
   c.attack.max_examples = 300       # test images attacked per class set (first 300 of the split)
-  # MRR (seed 002): N defenders per class set; the evaluation reports N = 1, 2, 4 (first n of them).
+  # MRR (Rouhani et al. 2018): N defenders per class set; the evaluation reports N = 1, 2, 4 (first n of them).
   c.mrr = ml_collections.ConfigDict({'num_defenders': 4, 'defender': mrr_defender.get_config()})
   # Validation images attacked to fit the LR combiner (held out: thresholds use the others).
   c.combiner_holdout = 150
   c.evaluate = evaluate.get_config()
-  # Seed 004's study on the embedded digits (its own data and model; appended to the report).
+  # Tuna et al.'s (2021) study on the embedded digits (its own data and model; appended to the report).
   c.digits = digits_study.get_config()
   return c

@@ -1,4 +1,4 @@
-"""One MRR defender (seed 002) for the SynthParts victim M: M's architecture with L2-normalised
+"""One MRR defender (Rouhani et al. 2018) for the SynthParts victim M: M's architecture with L2-normalised
 features and class centres, trained with cross-entropy + 0.01 x center loss, RMSprop 1e-3.
 
 Train N defenders with different seeds (the main job does this for you):

@@ -1,4 +1,4 @@
-"""The digits study (seed 004): the tiny config end to end, and the claim checks on made-up AUCs."""
+"""The digits study (Tuna et al. 2021): the tiny config end to end, and the claim checks on made-up AUCs."""
 import copy
 import os
 

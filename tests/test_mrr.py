@@ -1,4 +1,4 @@
-"""MRR (seed 002): center loss, the defender model and its training, thresholds and bad input."""
+"""MRR (Rouhani et al. 2018): center loss, the defender model and its training, thresholds and bad input."""
 from __future__ import annotations
 
 import jax

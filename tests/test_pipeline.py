@@ -31,7 +31,7 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
                   '### Adaptive attacks, per defense', '## Accuracy (gray-box; Table IV form',
                   '## Detection (gray-box; contamination 0.5)',
                   '## MRR at its security parameter', '## Part extraction K under attack',
-                  '## Sanity checks of the attacks', '## Digits: seed 004 study'):
+                  '## Sanity checks of the attacks', '## Digits: Tuna et al. 2021 study'):
     assert section in text
   for cs in ('cs3a', 'cs3b'):
     assert f'![ROC {cs}](roc_{cs}.png)' in text

@@ -430,7 +430,7 @@ def run_main(config, workdir: str, *, overwrite: bool = False, extra_stages=()) 
       dirs.update(at_dir=os.path.join(workdir, f'at_{cs}'), at_attacks_dir=os.path.join(workdir, f'attacks_at_{cs}'))
     n_mrr = config.get('mrr', {}).get('num_defenders', 0)
     if n_mrr:
-      # MRR defenders (seed 002): M's architecture, each from its own seed, CE + center loss.
+      # MRR defenders (Rouhani et al. 2018): M's architecture, each from its own seed, CE + center loss.
       dirs['mrr_dir'] = os.path.join(workdir, f'mrr_{cs}')
 
       def train_defenders():

@@ -1,4 +1,4 @@
-"""Seed 004's detection study on the embedded digits (`experiments/digits/study.py`).
+"""Tuna et al.'s (2021) detection study on the embedded digits (`experiments/digits/study.py`).
 
   python3 -m experiments.digits.study --workdir=runs/digits
   python3 -m experiments.digits.study --config=experiments/digits/config.py:tiny --workdir=/tmp/d
@@ -6,7 +6,7 @@
 Trains the dropout CNN of `configs/digits_cnn.py` on scikit-learn's 8x8 digits (train 1078 /
 validation 360 / test 359 images), attacks it with FGSM, BIM and PGD-L∞ at a low and a high eps,
 and scores MC-dropout uncertainty (T passes), KDE and KL closeness and their LR combination.
-The eps are seed 004's MNIST values (0.12, 0.30): on digits they give 32% / 41% / 41% success
+The eps are Tuna et al.'s (2021) MNIST values (0.12, 0.30): on digits they give 32% / 41% / 41% success
 (FGSM / BIM / PGD) at 0.12 and 97% / 100% / 100% at 0.30, i.e. the paper's "low-confidence" and
 "high-confidence" windows.
 
@@ -34,12 +34,12 @@ def get_config(kind: str = 'full') -> ml_collections.ConfigDict:
   c.model.seed = c.get_ref('seed')
   # Attacks as "label=registry name"; each runs at every eps of `eps` (L∞, pixels in [0, 1]).
   c.attacks = ('FGSM=fgsm', 'BIM=bim', 'PGD=pgd_linf')
-  c.eps = (0.12, 0.30)              # (low, high): seed 004's MNIST values
+  c.eps = (0.12, 0.30)              # (low, high): Tuna et al.'s (2021) MNIST values
   c.steps = 20                      # BIM / PGD iterations (step 2.5 * eps / steps)
-  c.T = 50                          # MC-dropout passes (seed 004: 50)
+  c.T = 50                          # MC-dropout passes (Tuna et al. 2021: 50)
   c.mc_chunk = 64                   # images per jitted MC call (results depend on it; keep fixed)
   c.kde_bandwidth = 0.0             # 0 = chosen by held-out likelihood on clean training features
-  c.kde_reference_bandwidth = 1.70  # also reported: KDE at seed 004's MNIST bandwidth (0 = skip)
+  c.kde_reference_bandwidth = 1.70  # also reported: KDE at Tuna et al.'s (2021) MNIST bandwidth (0 = skip)
   c.kl_pmf = 'softmax'              # how activations become PMFs for KL ('softmax' | 'normalize')
   # Share of the validation split (by image) that fits the LR combiners; the rest gives the
   # detection thresholds. Neither share is ever scored as evaluation data.

@@ -1,6 +1,6 @@
-"""Seed 004's uncertainty + closeness detection study, reproduced on the embedded digits.
+"""Tuna et al.'s (2021) uncertainty + closeness detection study, reproduced on the embedded digits.
 
-Tuna, Catak & Eskil ("Closeness and uncertainty aware adversarial examples detection", seed 004,
+Tuna, Catak & Eskil ("Closeness and uncertainty aware adversarial examples detection", Tuna et al. 2021,
 after Feinman et al. 2017) score adversarial examples with six features of one dropout CNN --
 four MC-dropout uncertainty metrics (confidence, entropy, variance, mutual information; T passes
 with dropout on) and two closeness metrics on the last hidden activations (per-class Gaussian KDE,
@@ -30,7 +30,7 @@ embedded) with `experiments/digits/config.py`:
 6. checks the three claims automatically and writes `digits_study.json`, `digits_study.md` and
    `digits_roc.png` to the workdir.
 
-Threat model: gray-box, as in seed 004 -- the attacks are computed against the CNN only (its
+Threat model: gray-box, as in Tuna et al. 2021 -- the attacks are computed against the CNN only (its
 deterministic, dropout-off logits); the detectors are unknown to the attacker. Not an adaptive
 evaluation.
 
@@ -80,7 +80,7 @@ def _log(step: int, msg: str) -> None:
 
 
 def member_specs(config) -> list[str]:
-  """The six detector specs of seed 004's Table 5, in `METRICS` order (the LR's features)."""
+  """The six detector specs of Tuna et al.'s (2021) Table 5, in `METRICS` order (the LR's features)."""
   mc = [f'mc_dropout(metric="{m}", T={int(config.T)}, chunk={int(config.mc_chunk)})'
         for m in UNCERTAINTY]
   kde = f'kde(bandwidth={float(config.kde_bandwidth)!r})' if config.kde_bandwidth else 'kde'
@@ -467,7 +467,7 @@ def _ci(row: dict, name: str, auc_key: str) -> str:
 
 
 def check_claims(result: dict, auc_key: str = 'auc') -> list[dict]:
-  """Seed 004's three claims, checked on the measured AUCs (nothing is assumed).
+  """Tuna et al.'s (2021) three claims, checked on the measured AUCs (nothing is assumed).
 
   1. Uncertainty stronger than KDE at the low eps: per attack, the uncertainty metric chosen on
      the held-out combiner-fit images beats KDE's test AUC by more than the tolerance.
@@ -579,7 +579,7 @@ def roc_plot(result: dict, roc: dict, path: str) -> str:
              title=f'{name} eps={eps:g}{succ}')
       ax.title.set_fontsize(9)
       ax.legend(fontsize=7, loc='lower right')
-  fig.suptitle('Digits (seed 004 study): ROC on test, positives = successful adversarial, '
+  fig.suptitle('Digits (Tuna et al. 2021 study): ROC on test, positives = successful adversarial, '
                'negatives = their clean images', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
@@ -642,13 +642,13 @@ def report_section(result: dict, *, relative_to: str | None = None) -> str:
   cols = METRICS + (COMBINED,)
   eps = ' and '.join(f'{e:g}' for e in result['eps'])
   lines = [
-      '## Digits: seed 004 study (MC-dropout uncertainty, KDE/KL closeness, LR combination)', '',
+      '## Digits: Tuna et al. 2021 study (MC-dropout uncertainty, KDE/KL closeness, LR combination)', '',
       f"Dropout CNN (Conv-Conv-Pool-Dropout-Dense128-Dropout-Dense10) on scikit-learn's 8x8 "
       f'digits; clean test accuracy {result["clean_test_accuracy"]:.4f} on {result["n_test"]} test '
       f'images. Attacks FGSM, BIM, PGD-L∞ ({result["steps"]} steps for BIM/PGD) at eps {eps} '
-      f"(pixels in [0, 1]; seed 004's MNIST values). Threat model: {result['threat_model']}. MC "
+      f"(pixels in [0, 1]; Tuna et al.'s (2021) MNIST values). Threat model: {result['threat_model']}. MC "
       f'dropout T={result["T"]}; KDE bandwidth {result["kde_bandwidth"]:.3g} '
-      f'({result["kde_bandwidth_source"]}; seed 004 used 1.70 on MNIST features); KL on '
+      f'({result["kde_bandwidth_source"]}; Tuna et al. 2021 used 1.70 on MNIST features); KL on '
       f'{result["kl_pmf"]} PMFs.', '',
       'ROC AUC on test: positives = successful adversarial examples, negatives = their clean '
       'images. A metric marked * was flipped because it pointed the wrong way on the held-out '
@@ -666,7 +666,7 @@ def report_section(result: dict, *, relative_to: str | None = None) -> str:
   for r in rows:
     lines.append(f'| {r["attack"]} | {r["eps"]:g} | '
                  + ' | '.join(_tpr_cell(r, m) for m in cols) + ' |')
-  lines += ['', "**Seed 004's claims, as measured** (AUC differences below "
+  lines += ['', "**Tuna et al.'s (2021) claims, as measured** (AUC differences below "
             f'{result["claim_tolerance"]:g} count as ties; uncertainty = the metric best on the '
             'held-out combiner-fit images):', '']
   fixed = {c['id']: c for c in check_claims(result, auc_key='auc_fixed')}
@@ -724,7 +724,7 @@ def _notes(result: dict) -> list[str]:
   if ref:
     aucs = ', '.join(f'{r["label"]} {r["kde_reference_bandwidth_auc"]:.3f} '
                      f'({r["metrics"]["kde"]["auc"]:.3f})' for r in ref)
-    notes.append(f"KDE bandwidth sensitivity: with seed 004's MNIST bandwidth "
+    notes.append(f"KDE bandwidth sensitivity: with Tuna et al.'s (2021) MNIST bandwidth "
                  f'{result["kde_reference_bandwidth"]:g} instead of {result["kde_bandwidth"]:.3g}, '
                  f"KDE's AUCs are {aucs} (chosen bandwidth in parentheses; not in the claims).")
   ses = [auc_standard_error(r['metrics'][m]['auc'], r['n_pos'], r['n_neg'])

@@ -1,16 +1,16 @@
-"""Closeness detectors on M's last hidden activations (seed 004 §3.5; Feinman et al. 2017).
+"""Closeness detectors on M's last hidden activations (Tuna et al. 2021 §3.5; Feinman et al. 2017).
 
 Both detectors compare the activation z = features_fn(x) with the training activations of the class
 M PREDICTS for x (an adversarial example is predicted as a class whose training manifold it does
 not lie on); class statistics are fitted on clean training data with the TRUE labels.
 
-* `make_kde`: -log of an exact Gaussian kernel density (Feinman et al. 2017, eq. 9 of seed 004),
+* `make_kde`: -log of an exact Gaussian kernel density (Feinman et al. 2017, eq. 9 of Tuna et al. 2021),
     log p(z|c) = logsumexp_{i: y_i = c}(-||z - z_i||^2 / (2 h^2)) - log n_c - (d/2) log(2 pi h^2).
   Computed on device by a jitted scan over fixed-size chunks of training points with an online
   logsumexp, for fixed-size chunks of queries, so memory is O(query_chunk * train_chunk).
   (scikit-learn's KernelDensity uses tree approximations that are off by tens of nats in 128-d.)
 * `make_kl`: KL(P_z || Q_pred), where P_z is the PMF of z and Q_c the PMF of the class-mean training
-  activation (seed 004 eqs. 11-12).
+  activation (Tuna et al. 2021 eqs. 11-12).
 """
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ def make_kde(*, bandwidth: float | None = None, chunk: int = 256, train_chunk: i
 
 
 def activation_log_pmf(a, pmf: str, eps: float = 1e-6) -> jax.Array:
-  """log of the PMF made from activation vectors a [..., D] (seed 004 §3.5.2 leaves it open).
+  """log of the PMF made from activation vectors a [..., D] (Tuna et al. 2021 §3.5.2 leaves it open).
 
   'softmax':   P = softmax(a), P_i = exp(a_i) / sum_j exp(a_j); works for any real activations.
   'normalize': P = (a + eps) / sum_j (a_j + eps) for non-negative (ReLU) activations; eps keeps
@@ -300,7 +300,7 @@ def activation_log_pmf(a, pmf: str, eps: float = 1e-6) -> jax.Array:
 
 
 def kl_divergence(log_p, log_q) -> jax.Array:
-  """KL(P || Q) = sum_i P_i (log P_i - log Q_i) over the last axis (seed 004, eq. 11)."""
+  """KL(P || Q) = sum_i P_i (log P_i - log Q_i) over the last axis (Tuna et al. 2021, eq. 11)."""
   log_p, log_q = jnp.asarray(log_p), jnp.asarray(log_q)
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
@@ -312,7 +312,7 @@ def _check_non_negative(z: np.ndarray, pmf: str, name: str) -> None:
 
 
 def make_kl(*, pmf: str = 'softmax', eps: float = 1e-6, chunk: int = 256) -> base.Defense:
-  """KL-divergence closeness detector (seed 004 §3.5.2, eqs. 11-12).
+  """KL-divergence closeness detector (Tuna et al. 2021 §3.5.2, eqs. 11-12).
 
   fit: Q_c = PMF(mean_{i: y_i = c} z_i), the PMF of class c's mean clean training activation
   (eq. 12; TRUE labels). score(x) = KL(P_x || Q_pred) = sum_i P_x,i log(P_x,i / Q_pred,i) with

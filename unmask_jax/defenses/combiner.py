@@ -1,4 +1,4 @@
-"""Logistic-regression combination of detector scores (seed 004 §5.3; Feinman et al. 2017).
+"""Logistic-regression combination of detector scores (Tuna et al. 2021 §5.3; Feinman et al. 2017).
 
 Each member detector d_j gives a score s_j(x); the combined detector is
 
@@ -38,7 +38,7 @@ from unmask_jax import defenses
 from unmask_jax.defenses import base, uncertainty
 from unmask_jax.registry import parse_spec
 
-# The six features of seed 004 (Table 5).
+# The six features of Tuna et al. 2021 (Table 5).
 DEFAULT_MEMBERS = ('mc_dropout(metric="variance")', 'mc_dropout(metric="entropy")',
                    'mc_dropout(metric="mutual_information")', 'mc_dropout(metric="confidence")',
                    'kde', 'kl')
@@ -70,7 +70,7 @@ def assert_disjoint(state: base.State, *x_eval) -> None:
     if overlap.any():
       raise LeakageError(f'{int(overlap.sum())} of {len(overlap)} evaluation images (argument {i}) '
                          'were used to fit the combiner; fit it on a held-out split of different '
-                         'images (seed 004 fitted and scored on the same data; this repository '
+                         'images (Tuna et al. 2021 fitted and scored on the same data; this repository '
                          'does not).')
 
 
@@ -285,7 +285,7 @@ def fit_combiner(state: base.State, ctx: base.Context, x_clean, x_adv, noise_std
 
   Pool: negatives = x_clean and x_noisy = clip(x_clean + noise_std * N(0, I), 0, 1); positives =
   x_adv. Features = member scores, standardised with the pool's mean and std (StandardScaler);
-  LR = scikit-learn LogisticRegression(C) on them (seed 004 §5.3). Stores the scaler's mean/scale,
+  LR = scikit-learn LogisticRegression(C) on them (Tuna et al. 2021 §5.3). Stores the scaler's mean/scale,
   the LR's coef/intercept and the fingerprints of every clean and adversarial image used, so that
   `score` refuses them later (`assert_disjoint`).
 

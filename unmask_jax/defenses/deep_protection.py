@@ -1,4 +1,4 @@
-"""Deep Protection (seed 003): restore each input with a Deep Image Prior, classify the restoration.
+"""Deep Protection (Kulkarni & Ambati): restore each input with a Deep Image Prior, classify the restoration.
 
 Deep Image Prior (DIP; Ulyanov et al. 2018): a randomly initialised encoder-decoder G_theta with
 skip connections maps a fixed noise tensor z to an image; theta is fitted to ONE image x by Adam on
@@ -7,8 +7,8 @@ skip connections maps a fixed noise tensor z to an image; theta is fitted to ONE
 
 and the restoration is the exponential moving average of the outputs, x_hat <- 0.99 x_hat + 0.01 G.
 The network fits natural image structure long before it fits high-frequency noise, so stopping
-early removes (some of) an adversarial perturbation; Deep Protection (Kulkarni & Ambati, seed 003)
-then classifies x_hat with the unchanged victim M. Settings follow seed 003 / the DIP reference:
+early removes (some of) an adversarial perturbation; Deep Protection (Kulkarni & Ambati, Kulkarni & Ambati)
+then classifies x_hat with the unchanged victim M. Settings follow Kulkarni & Ambati / the DIP reference:
 swish activations, Adam lr 0.01, noise input depth 32 (8 here by default, for speed) scaled by 0.1,
 jitter std 1/30, EMA 0.99; the network is scaled down for small images (3 scales of 32/64/64
 channels at 32x32 instead of 5 scales of 128).
@@ -43,7 +43,7 @@ Stopping (`make(stop=...)`):
     (Immerkaer 1996: sigma = sqrt(pi/2) / (6 (H-2)(W-2)) sum |x * L|, L the 3x3 Laplacian-difference
     mask), or pass the threat model's size (e.g. eps for L-inf attacks).
   `restore_with_oracle` stops each image at the first checkpoint where its TRUE class is in M's
-    top-k (seed 003's "automatic termination", 97.4% top-5): it uses the label, so report it only as
+    top-k (Kulkarni & Ambati's "automatic termination", 97.4% top-5): it uses the label, so report it only as
     an upper bound, never as a defense result.
 Each rule is one function used both on-line (an `on_checkpoint` callback of `dip_restore`) and
 off-line on a `dip_trajectory` (every image run once to max_iters, M's logits and the MSE recorded
@@ -195,7 +195,7 @@ def generator_apply(params: dict, z: jax.Array, cfg: DIPConfig) -> jax.Array:
 
   H and W must be multiples of 2^len(widths) (`dip_restore` pads z and crops the output).
   """
-  act = jax.nn.swish  # Seed 003 chose swish over DIP's LeakyReLU.
+  act = jax.nn.swish  # Kulkarni & Ambati chose swish over DIP's LeakyReLU.
   x, skips = z, []
   for lv in params['levels']:
     skips.append(act(_norm(_conv(x, lv['s'], cfg), lv['s_n'])) if 's' in lv else None)
@@ -504,7 +504,7 @@ def choose_fixed_iters(accuracy, tolerance: float) -> int:
 def restore_with_oracle(ctx: base.Context, x, y_true, key: jax.Array, *, topk: int = 5,
                         max_iters: int = 2000, check_every: int = 50, chunk: int = 32,
                         cfg: DIPConfig = DIPConfig()) -> dict[str, np.ndarray]:
-  """UPPER BOUND ONLY: stops each image when its true class enters M's top-k (seed 003).
+  """UPPER BOUND ONLY: stops each image when its true class enters M's top-k (Kulkarni & Ambati).
 
   At every checkpoint the EMA restoration is classified by M; image i stops at the first one where
   y_true[i] is among the top-k logits. This needs the true label, which a deployed defense never
@@ -555,7 +555,7 @@ def make(*, iters: Optional[int] = None, stop: str = 'fixed', max_iters: int = 2
          widths: tuple = (32, 64, 64), skip_channels: int = 4, input_depth: int = 8,
          input_scale: float = 0.1, reg_noise_std: float = 1.0 / 30.0, lr: float = 0.01,
          ema: float = 0.99, chunk: int = 32, conv: str = 'im2col') -> base.Defense:
-  """Deep Protection (seed 003): DIP restoration (Ulyanov et al. 2018) before the unchanged M.
+  """Deep Protection (Kulkarni & Ambati): DIP restoration (Ulyanov et al. 2018) before the unchanged M.
 
   apply(x) = (||x - x_hat||^2 per image, argmax M(x_hat)): the restoration residual (what DIP
   has not re-drawn by the stop iteration; higher = more adversarial) and the corrected class, both

@@ -1,4 +1,4 @@
-"""Modular Robust Redundancy (seed 002; Rouhani et al. 2018, "Towards safe deep learning").
+"""Modular Robust Redundancy (Rouhani et al. 2018, "Towards safe deep learning").
 
 N defender modules (`models.defender`, trained by train_m.py with configs/mrr_defender.py; the
 evaluation puts their feature functions in `ctx.defenders`) each checkpoint the victim's
@@ -15,8 +15,8 @@ prediction. For defender j with L2-normalised features z_j(x):
 
 So defender j alone flags about SP% of clean training images of each class (the security
 parameter SP ~ target false-positive rate), and the N defenders flag if ANY flags (the white-box
-rule of seed 002): an attacker must fool all of them at once, while the false-positive rate grows
-with N (seed 002 Table 2: 2.9% -> 8.4% from N=1 to N=16 at SP 1%). `score` is also a continuous
+rule of Rouhani et al. 2018): an attacker must fool all of them at once, while the false-positive rate grows
+with N (Rouhani et al. 2018 Table 2: 2.9% -> 8.4% from N=1 to N=16 at SP 1%). `score` is also a continuous
 detection score for ROC curves.
 
 Every step is differentiable given the victim's predicted class; the attack surrogate replaces the
@@ -76,13 +76,13 @@ def distances(state: base.State, z: np.ndarray, classes: np.ndarray, j: int) -> 
 
 def make(*, n: int = 4, sp: float = 1.0, variance: float = 0.99, chunk: int = 256,
          smooth: float = 0.05) -> base.Defense:
-  """MRR detector over the first `n` defenders in `ctx.defenders` (seed 002; module docstring).
+  """MRR detector over the first `n` defenders in `ctx.defenders` (module docstring).
 
   Args:
     n: number of defender modules combined (flag if any flags); >= 1.
     sp: security parameter in percent, in (0, 100): each defender's per-class threshold is the
       (100 - sp) percentile of its clean training distances.
-    variance: fraction of the feature variance the PCA keeps (seed 002: 0.99).
+    variance: fraction of the feature variance the PCA keeps (Rouhani et al. 2018: 0.99).
     chunk: images per jitted batch.
     smooth: temperature of the surrogate's smooth maximum over defenders (in ratio units).
   """

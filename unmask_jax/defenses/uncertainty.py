@@ -1,7 +1,7 @@
-"""Monte-Carlo dropout uncertainty detectors (seed 004; Gal & Ghahramani 2016; Feinman et al. 2017).
+"""Monte-Carlo dropout uncertainty detectors (Gal & Ghahramani 2016; Feinman et al. 2017).
 
 M is run T times with dropout active (`ctx.mc_logits_fn(x, key)`, the dropout rate is the one M
-was trained with). With p_t = softmax of pass t and p_T = (1/T) sum_t p_t (seed 004, eq. 5):
+was trained with). With p_t = softmax of pass t and p_T = (1/T) sum_t p_t (Tuna et al. 2021, eq. 5):
 
   confidence          1 - max_c p_T[c]                    (§3.4.1, flipped: higher = less sure)
   entropy             H(p_T) = -sum_c p_T[c] log p_T[c]   (eq. 6)
@@ -38,7 +38,7 @@ def _entropy(p: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def mc_metrics(probs) -> dict[str, jax.Array]:
-  """Uncertainty metrics of T Monte-Carlo dropout softmax outputs (seed 004, eqs. 5-8).
+  """Uncertainty metrics of T Monte-Carlo dropout softmax outputs (Tuna et al. 2021, eqs. 5-8).
 
   Args:
     probs: [T, N, K] softmax probabilities, one row per stochastic pass.

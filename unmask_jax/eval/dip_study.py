@@ -1,4 +1,4 @@
-"""Deep Protection study (seed 003): fixed vs automatic vs oracle stop from ONE DIP run per image.
+"""Deep Protection study (Kulkarni & Ambati): fixed vs automatic vs oracle stop from ONE DIP run per image.
 
 Deep Protection restores each input with a Deep Image Prior and classifies the restoration with the
 unchanged victim M (`unmask_jax.defenses.deep_protection`). Its three stop rules differ only in
@@ -12,9 +12,9 @@ the MSE to the input at every checkpoint (`deep_protection.dip_trajectory`), and
   auto:   the first checkpoint where the label-free 'auto' rule fires (noise floor reached or loss
           curve flat; `deep_protection.auto_stop_index`), capped at `max_iters`.
   oracle: UPPER BOUND ONLY, it uses the true label: the first checkpoint where the true class is in
-          M's top-k (seed 003's "automatic termination"), else the last checkpoint.
+          M's top-k (Kulkarni & Ambati's "automatic termination"), else the last checkpoint.
 
-Seed 003 used top-5 among ImageNet's 1000 classes (0.5% of them). Top-5 of 3 classes always holds,
+Kulkarni & Ambati used top-5 among ImageNet's 1000 classes (0.5% of them). Top-5 of 3 classes always holds,
 so the oracle's k is capped at a tenth of the classes and is at least 1:
 k = max(1, min(oracle_topk, num_classes // 10)), i.e. top-1 for SynthParts' 3-5 classes. Even
 top-1 is a loose bound with 3 classes (any checkpoint that happens to predict the true class
@@ -22,7 +22,7 @@ counts), which is why it is an upper bound and never a defense result.
 
 Cost and subset: DIP fits a network per image (~2 ms per image-iteration on an idle 2-core CPU), so
 the study restores a documented subset: the first `n_images` test images, each clean and under
-every attack, plus `val_size` clean validation images to choose the fixed stop; seed 003 likewise
+every attack, plus `val_size` clean validation images to choose the fixed stop; Kulkarni & Ambati likewise
 used 100 images x 8 attacks. All of them are restored in one `dip_trajectory` call (rows:
 validation, clean test, then each attack in order; row r uses `fold_in(key, r)`), `chunk` images
 at a time.
@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
       'min_iters': 100,        # 'auto' rule (see deep_protection)
       'auto_tol': 0.01,
       'noise_level': None,     # None: estimate each input's noise std without labels
-      'oracle_topk': 5,        # seed 003's top-5, capped at num_classes // 10 (>= 1)
+      'oracle_topk': 5,        # Kulkarni & Ambati's top-5, capped at num_classes // 10 (>= 1)
       'widths': (16, 32, 32),  # DIPConfig; (32, 64, 64) costs ~2.9x per iteration
       'skip_channels': 4,
       'input_depth': 8,
@@ -284,12 +284,12 @@ def report_section(result: dict) -> str:
   attacks = result['attacks']
   n, v = result['n_images'], result['val_size']
   lines = [
-      '## Deep Protection (seed 003): DIP restoration, fixed vs automatic vs oracle stop', '',
+      '## Deep Protection (Kulkarni & Ambati): DIP restoration, fixed vs automatic vs oracle stop', '',
       f'**Subset.** DIP fits one network per image, which is costly (~'
       f'{result["ms_per_image_iteration"]:.1f} ms per image-iteration here), so Deep Protection '
       f'is evaluated on a subset: the first {n} test images, clean and under each of the '
       f'{len(attacks)} attacks ({n * (1 + len(attacks))} restorations), plus {v} clean '
-      f'validation images to choose the fixed stop (seed 003: 100 images x 8 attacks). All '
+      f'validation images to choose the fixed stop (Kulkarni & Ambati: 100 images x 8 attacks). All '
       f'{n * (1 + len(attacks)) + v} images ran {c["max_iters"]} iterations once '
       f'({result["image_iterations"]:,} image-iterations, {result["seconds"]:.0f} s wall); the '
       'three stop rules read that one trajectory at different checkpoints (every '

@@ -193,7 +193,7 @@ def findings(results: dict) -> list[str]:
 
 
 def _seed_findings(results: dict) -> list[str]:
-  """Seed 002 (MRR: more defenders -> more detection, more false positives) and seed 004 (the
+  """Rouhani et al. 2018 (MRR: more defenders -> more detection, more false positives) and Tuna et al. 2021 (the
   LR combination >= its best member) on SynthParts, measured."""
   out = []
   flags = {(r['class set'], r['defense']): r for r in flag_rows(results)}
@@ -319,7 +319,7 @@ def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) ->
     lines += [f'![ROC {cs_name}]({os.path.basename(path)})', '']
   fl = flag_rows(results)
   if fl:
-    lines += ['## MRR at its security parameter (seed 002)', '',
+    lines += ['## MRR at its security parameter (Rouhani et al. 2018)', '',
               'Each defender flags an input when its distance to the victim-predicted class centre '
               'exceeds the (100 - SP) percentile of clean training distances; N defenders flag if any '
               'flags. Means over the paper vectors. Defense success = share of correctly classified '

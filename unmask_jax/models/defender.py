@@ -1,4 +1,4 @@
-"""MRR defender module (seed 002, Rouhani et al., "CuRTAIL" / modular robust redundancy).
+"""MRR defender module (Rouhani et al. 2018, Rouhani et al., "CuRTAIL" / modular robust redundancy).
 
 A defender is a copy of the victim's architecture up to the penultimate layer (its `features`),
 trained from its own random initialisation, whose features are L2-normalised onto the unit sphere:
@@ -6,7 +6,7 @@ trained from its own random initialisation, whose features are L2-normalised ont
   z(x) = f(x) / ||f(x)||_2,   logits = W z + b,
 
 plus one learnable centre c_k per class. It is trained with cross-entropy + lambda * center loss
-(`center_loss`, lambda = 0.01 in seed 002), which makes each class a tight cluster around its
+(`center_loss`, lambda = 0.01 in Rouhani et al. 2018), which makes each class a tight cluster around its
 centre; the detector (`defenses/mrr.py`) then measures how far an input's z lies from the centre
 of the class the VICTIM predicted. Defenders never see adversarial examples.
 """
@@ -27,7 +27,7 @@ def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def center_loss(z: jax.Array, labels: jax.Array, centers: jax.Array) -> jax.Array:
-  """Per-example center loss of seed 002: pull to the own centre, push the nearest other away.
+  """Per-example center loss of Rouhani et al. 2018: pull to the own centre, push the nearest other away.
 
     L_i = ||z_i - c_{y_i}||^2 - min_{k != y_i} ||z_i - c_k||^2 + (1/K) sum_k (||c_k||^2 - 1)^2
 

@@ -4,7 +4,7 @@
   With `config.adv_training.enabled`, every batch is replaced by PGD-L∞ examples made on the fly
   against the current weights (Madry et al. 2018) — the paper's adversarial-training baseline.
   With `config.center_loss_weight` > 0 (an `mrr_defender` model), cross-entropy + that weight x
-  center loss: the MRR defenders of seed 002.
+  center loss: the MRR defenders of Rouhani et al. 2018.
 * `config.task == 'segmenter'`: K, per-pixel cross-entropy over background + parts; best by
   validation mean IoU; then the part-extraction thresholds are chosen on validation and saved.
 
@@ -87,7 +87,7 @@ def _masked_mean(x, valid):
 def _loss(task, model, x, batch, key, center_weight: float = 0.0):
   if task == 'classifier':
     # Features and head separately, with the keys `Classifier.__call__` would derive, so that the
-    # MRR defenders' center loss (seed 002; CE + lambda * center loss) can see the features.
+    # MRR defenders' center loss (CE + lambda * center loss) can see the features.
     k_features, k_head = model_base.split_key(key, 2)
     feats = model.features(x, dropout_key=k_features)
     logits = model.head(feats, dropout_key=k_head)
