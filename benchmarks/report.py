@@ -409,7 +409,7 @@ def markdown(rows, meta, names) -> str:
       '', '## Results', '']
   lines += main_table(rows)
   lines += [''] + _goal_section(rows) + _findings(rows) + _levers_section(rows)
-  lines += [NOTES, LOOP_FORM]
+  lines += [NOTES, LOOP_FORM, DIP_DESIGN]
   return '\n'.join(lines) + '\n'
 
 
@@ -452,4 +452,21 @@ choice lives), falling back to a rolled scan above `MAX_UNROLL = 100` steps to b
 Compile time is the price: the attack runner therefore compiles each attack once and passes eps as
 a traced scalar, so all eps values and all models of one architecture share a program. The levers
 table above re-measures unrolled vs rolled on the SynthParts victim against PyTorch.
+"""
+
+
+DIP_DESIGN = """## Deep Protection: how restoration is compiled (prototype measurements, 2026-11)
+
+Earlier measurements that chose the design of `unmask_jax/defenses/deep_protection.py` (not re-run
+by `run.py`; row 4 above is the maintained comparison). 2-core CPU, 32x32x3 images, generator
+widths 32/64/64, input depth 8:
+
+- Iterations: a jitted rolled `lax.scan` of 10 steps took ~75-80 ms/iteration for 16 images vs
+  ~120 ms for a Python loop of one jitted step; unrolling the scan saved a few percent at 2.5x the
+  compile time. Compiling the step takes ~10-16 s, once per (config, batch bucket, segment length).
+- Convolutions: `jax.vmap` of `lax.conv` over per-image kernels becomes a grouped convolution,
+  ~30x slower on XLA:CPU than a dense one (~240 ms vs 7.5 ms per image-iteration in a prototype);
+  XLA convolutions inside the scan were slow even for one image (38 ms per image-iteration). The
+  im2col form (k^2 shifted slices times one matrix; vmapped, a batched matmul) took 4.3 ms per
+  image-iteration with 16 images at once against 4.8 ms one by one.
 """

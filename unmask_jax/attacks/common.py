@@ -288,34 +288,17 @@ def validate_inputs(x: Any, y: Any, num_classes: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------------
 # The one place that decides how a loop over attack steps is compiled.
 # ----------------------------------------------------------------------------------------------
-# Measured with benchmarks/bench_loop_form.py (PGD L∞, 3-conv + 2-dense CNN with 65,930
-# parameters written with lax.conv, 32x32x3 inputs, XLA:CPU, 2 cores shared with other jobs,
-# jax 0.10.2). Median process CPU seconds per attack call after warm-up (wall time was noisier, up
-# to 2x, because of the other jobs; forms were interleaved round-robin), and the first call
-# (trace + compile + run):
-#                      PGD-20, batch 128      PGD-20, batch 32      PGD-100, batch 32
-#   form               CPU s   first call     CPU s   first call    CPU s   first call
-#   unrolled (Python)  1.55     8.3 s         0.24     6.6 s        2.09    20.7 s
-#   scan(unroll=True)  1.54    11.7 s         0.25     6.0 s        2.18    19.3 s
-#   scan (rolled)      3.31    10.2 s           -        -          3.96     8.0 s
-#   fori_loop          3.25    10.3 s         0.79     5.3 s        4.02     5.7 s
-#   host loop of one
-#   jitted step        1.77     6.5 s         0.22     3.4 s        1.09     4.2 s
-# A rolled loop whose body holds 5, 10 or 20 steps (scan unroll=k) cost the same as unroll=1
-# (3.96-4.14 s for PGD-100), so the slowdown is in how XLA:CPU runs the conv gradients inside a
-# while loop, not per-iteration overhead. Unrolled PGD-100 cost more than 5 x PGD-20 (2.09 vs
-# 1.2 s), so very long unrolled programs lose some speed, yet still beat the rolled loops. The host
-# loop was as fast or faster, but it cannot live inside one jitted attack. So
-# steps are unrolled by default: about 2x faster than scan/fori_loop at a few seconds of extra
-# compile time (facts.md reports 3.5x for scan on a similar net). Unrolling grows compile time
-# linearly (PGD-100: 21 s vs 6 s for fori_loop; APGD's step has more ops) and makes very long
-# programs, so loops longer than MAX_UNROLL (CW's binary_search_steps * steps, long APGD runs)
-# are rolled `lax.scan`s. To trade run time for compile time (e.g. a one-off small batch), trace
-# the attack inside `with loop_form('fori'):`. Not measured on GPU/TPU.
+# Rolled loops (lax.scan / fori_loop) over conv input-gradients ran about 2x slower on XLA:CPU than
+# the same steps unrolled, also with several steps per rolled iteration, so the slowdown is in how
+# XLA:CPU runs conv gradients inside a while loop (BENCHMARKS.md, "Loop form of iterative attacks",
+# `benchmarks/bench_loop_form.py`). Steps are therefore unrolled by default. Unrolling grows compile
+# time linearly with the steps, so loops longer than MAX_UNROLL (CW's binary_search_steps * steps,
+# long APGD runs) are rolled `lax.scan`s. To trade run time for compile time, trace the attack
+# inside `with loop_form('fori'):`. Not measured on GPU/TPU.
 LOOP_FORMS = ('unrolled', 'scan_unrolled', 'scan', 'fori')
 LOOP_FORM = 'unrolled'
 MAX_UNROLL = 100  # APGD's default 100 steps still unroll; CW's 9 x 100 do not.
-UNROLL_CHUNK = 1  # steps per rolled-loop iteration; larger chunks did not run faster (above)
+UNROLL_CHUNK = 1  # steps per rolled-loop iteration; larger chunks did not run faster (BENCHMARKS.md)
 _loop_form_override: list[str] = []
 # How many copies of the loop being traced end up in the program (restarts), so that the
 # MAX_UNROLL limit applies to the program's total number of unrolled steps.
