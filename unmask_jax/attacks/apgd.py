@@ -1,10 +1,16 @@
-"""Auto-PGD with cross-entropy (APGD-CE; Croce & Hein, ICML 2020), L∞ and L2."""
+"""Auto-PGD (Croce & Hein, ICML 2020), L∞ and L2: APGD-CE and the targeted APGD-T.
+
+Both share one run (`apgd_run`: the momentum step and the step-size checkpoints of
+`checkpoint_schedule`); they differ in the loss and in what is looped over: random restarts for
+APGD-CE, target classes for APGD-T.
+"""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unmask_jax.attacks import common
+from unmask_jax.attacks import common, targeting
 from unmask_jax.attacks.common import Array, LogitsFn
 
 
@@ -29,19 +35,34 @@ def checkpoint_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_check, window
 
 
-def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
+def _check(norm, x, y, eps, steps, rho, momentum):
   common.check_batch(x, y)
   common.check_eps(norm, eps, x.shape[1:])
   common.check_steps(steps)
   common.check_positive(rho, 'rho')
   common.check_positive(momentum, 'momentum')
-  loss_fn = common.get_loss(loss)
+
+
+def _col(v: Array) -> Array:  # [N] -> broadcastable against images
+  return v[:, None, None, None]
+
+
+def apgd_run(logits_fn: LogitsFn, loss_fn, x: Array, y: Array, x0: Array, *, norm: str, eps,
+             steps: int, rho: float, momentum: float) -> tuple[Array, Array, Array]:
+  """One APGD run from x0 ascending `loss_fn(logits, y) -> [N]`, with APGD's step-size schedule.
+
+  Shared by APGD-CE (`apgd_linf`/`apgd_l2`) and APGD-T (`apgd_t_linf`/`apgd_t_l2`, whose loss is
+  the targeted DLR loss, a closure over the target classes). Success is misclassification
+  (prediction != y) for both, as in the reference implementation: the target only shapes the loss.
+
+  Returns:
+    (x_out, success [N], best loss [N]): per example the last misclassified iterate if one was
+    found, else the iterate with the highest loss (whose loss is `best loss`).
+  """
   is_check_np, window_np = checkpoint_schedule(steps)
   is_check, window = jnp.asarray(is_check_np), jnp.asarray(window_np)
   n = x.shape[0]
-
-  def col(v):  # [N] -> broadcastable against images
-    return v[:, None, None, None]
+  col = _col
 
   def body(i, c):
     # Momentum step: z = P(x_k + eta s(∇)),
@@ -80,21 +101,29 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
         loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
     )
 
+  loss0, grad0, logits0 = common.loss_and_grad(logits_fn, loss_fn, x0, y)
+  init = dict(
+      x=x0, x_old=x0, grad=grad0,
+      # Initial step 2 * eps, as in the paper, for both norms.
+      eta=jnp.full((n,), 2.0 * eps, jnp.float32),
+      loss_prev=loss0, n_incr=jnp.zeros((n,), jnp.int32),
+      x_best=x0, grad_best=grad0, loss_best=loss0,
+      x_adv=x0, success=common.is_success(logits0, y),
+      reduced_last=jnp.ones((n,), bool), loss_best_last=loss0,
+  )
+  c = common.iterate(body, init, steps)
+  # A misclassified iterate if one was found, else the highest-loss one.
+  return jnp.where(col(c['success']), c['x_adv'], c['x_best']), c['success'], c['loss_best']
+
+
+def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
+  _check(norm, x, y, eps, steps, rho, momentum)
+  loss_fn = common.get_loss(loss)
+
   def run(k):
     x0 = common.random_start(norm, k, x, eps)
-    loss0, grad0, logits0 = common.loss_and_grad(logits_fn, loss_fn, x0, y)
-    init = dict(
-        x=x0, x_old=x0, grad=grad0,
-        # Initial step 2 * eps, as in the paper, for both norms.
-        eta=jnp.full((n,), 2.0 * eps, jnp.float32),
-        loss_prev=loss0, n_incr=jnp.zeros((n,), jnp.int32),
-        x_best=x0, grad_best=grad0, loss_best=loss0,
-        x_adv=x0, success=common.is_success(logits0, y),
-        reduced_last=jnp.ones((n,), bool), loss_best_last=loss0,
-    )
-    c = common.iterate(body, init, steps)
-    # A misclassified iterate if one was found, else the highest-loss one.
-    return jnp.where(col(c['success']), c['x_adv'], c['x_best'])
+    return apgd_run(logits_fn, loss_fn, x, y, x0, norm=norm, eps=eps, steps=steps, rho=rho,
+                    momentum=momentum)[0]
 
   return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, False)
 
@@ -157,3 +186,121 @@ def apgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
   """
   return _apgd(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, restarts=restarts,
                rho=rho, momentum=momentum, loss=loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# APGD-T: targeted DLR loss, one run per target class.
+# ----------------------------------------------------------------------------------------------
+def dlr_targeted(logits: Array, y: Array, t: Array) -> Array:
+  """Targeted DLR loss (Croce & Hein 2020), to maximise; shape [N].
+
+  DLR_t(x, y) = -(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2 + 1e-12),  π sorting z decreasingly.
+
+  The denominator makes the loss invariant to shifting and rescaling the logits, so a model with
+  huge or tiny logits (saturated softmax, where CE's gradient vanishes) gets the same steps. With
+  fewer than 4 classes, π4 (and π3) fall back to the smallest logit (the reference needs C >= 4).
+  """
+  z = logits.astype(jnp.float32)
+  num_classes = z.shape[-1]
+  zs = -jnp.sort(-z, axis=-1)
+  z3, z4 = zs[:, min(2, num_classes - 1)], zs[:, min(3, num_classes - 1)]
+  z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+  z_t = jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+  return -(z_y - z_t) / (zs[:, 0] - 0.5 * (z3 + z4) + 1e-12)
+
+
+def _apgd_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho, momentum,
+            done=None):
+  """APGD-T; `done` [N] marks examples fooled already (e.g. by an earlier AutoAttack member):
+  they count as successes, so the target loop can stop once every other example is fooled."""
+  _check(norm, x, y, eps, steps, rho, momentum)
+  common.check_steps(restarts, 'restarts')
+  num_classes = targeting.num_classes_of(logits_fn, x)
+  if num_classes < 3:
+    raise ValueError(f'APGD-T needs at least 3 classes, the model has {num_classes}: with 2 the '
+                     'only target is the other class and the targeted DLR loss is constant (±1); '
+                     'use apgd_linf/apgd_l2')
+  k = targeting.check_targets(n_targets, num_classes)
+  targets = targeting.top_targets(logits_fn(x), y, k)  # [k, N], from the clean logits
+  n = x.shape[0]
+  done = jnp.zeros((n,), bool) if done is None else done
+
+  def body(j, best):
+    # Run j: target j // restarts (best first), restart j % restarts.
+    i_t, r = j // restarts, j % restarts
+    t = targets[i_t]
+    k_run = jax.random.fold_in(jax.random.fold_in(key, i_t), r)
+    x0 = common.random_start(norm, k_run, x, eps)
+    x_out, succ, loss = apgd_run(logits_fn, lambda logits, yy: dlr_targeted(logits, yy, t), x,
+                                 y, x0, norm=norm, eps=eps, steps=steps, rho=rho,
+                                 momentum=momentum)
+    # The first successful run is final (as in the reference, which attacks only the examples
+    # still robust); until then, the run with the highest targeted DLR loss is kept.
+    take = ~best.success & (succ | (loss > best.loss))
+    return common.Best(jnp.where(_col(take), x_out, best.x), best.success | succ,
+                       jnp.where(take, loss, best.loss))
+
+  best = common.Best(x, done, jnp.full((n,), -jnp.inf, jnp.float32))
+  best = targeting.over_runs(body, best, k * restarts, steps, lambda b: jnp.all(b.success))
+  return best.x
+
+
+def apgd_t_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+                steps: int = 100, n_targets: int = targeting.DEFAULT_TARGETS, restarts: int = 1,
+                rho: float = 0.75, momentum: float = 0.75) -> Array:
+  """APGD-T, L∞ (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+  diverse parameter-free attacks", ICML 2020): AutoAttack's second member.
+
+  For each of the k = min(n_targets, C - 1) classes t with the highest clean logits other than y
+  (best first), an APGD run (`apgd_linf`'s steps and step-size schedule) maximises the targeted
+  DLR loss
+
+      DLR_t(x, y) = -(z_y - z_t) / (z_π1 - (z_π3 + z_π4) / 2),   π sorting z decreasingly,
+
+  from a random start in the ball. Success is misclassification (any class but y), as in the
+  reference: the target only steers the loss. Each example keeps the iterate of its first
+  successful run (runs after that cannot change it; once every example is fooled the remaining
+  runs are skipped when the loop is rolled), else the iterate with the highest targeted DLR loss.
+
+  Args:
+    logits_fn: x -> logits [N, C], C >= 3.
+    x: clean images [N, H, W, C] in [0, 1].
+    y: true labels [N].
+    key: random starts; target i's restart r uses fold_in(fold_in(key, i), r).
+    eps: L∞ radius in [0, 1] units.
+    steps: iterations per run (paper: 100).
+    n_targets: number of target classes (AutoAttack: 9), capped at C - 1.
+    restarts: random starts per target class (AutoAttack standard: 1).
+    rho, momentum: as in `apgd_linf`.
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
+
+  Example:
+    >>> attack = jax.jit(functools.partial(apgd_t_linf, eps=8/255, steps=100))
+    >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  """
+  return _apgd_t(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, n_targets=n_targets,
+                 restarts=restarts, rho=rho, momentum=momentum)
+
+
+def apgd_t_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+              steps: int = 100, n_targets: int = targeting.DEFAULT_TARGETS, restarts: int = 1,
+              rho: float = 0.75, momentum: float = 0.75) -> Array:
+  """APGD-T, L2 (Croce & Hein, ICML 2020).
+
+  As `apgd_t_linf` with `apgd_l2`'s steps: eta_k ∇L / ||∇L||_2 per example and P the projection
+  onto the L2 eps-ball, then [0, 1].
+
+  Args:
+    As `apgd_t_linf`; eps is the L2 radius in [0, 1] units.
+
+  Returns:
+    x_adv in [0, 1] with ||x_adv - x||_2 <= eps.
+
+  Example:
+    >>> attack = jax.jit(functools.partial(apgd_t_l2, eps=0.5, steps=100))
+    >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  """
+  return _apgd_t(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, n_targets=n_targets,
+                 restarts=restarts, rho=rho, momentum=momentum)
