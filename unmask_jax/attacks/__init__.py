@@ -38,16 +38,25 @@ ATTACKS = Registry('attack', {
     'apgd_linf': 'unmask_jax.attacks.apgd:apgd_linf',
     'apgd_l2': 'unmask_jax.attacks.apgd:apgd_l2',
     'adaptive': 'unmask_jax.attacks.adaptive:adaptive',
+    'apgd_t_linf': 'unmask_jax.attacks.apgd:apgd_t_linf',
+    'apgd_t_l2': 'unmask_jax.attacks.apgd:apgd_t_l2',
+    'fab_t': 'unmask_jax.attacks.fab:fab_t',
+    'square_linf': 'unmask_jax.attacks.square:square_linf',
+    'square_l2': 'unmask_jax.attacks.square:square_l2',
+    'autoattack': 'unmask_jax.attacks.autoattack:autoattack',
 })
 
 # The threat model each attack's eps refers to (for reports and eps checks).
 _NORMS = {
     'fgsm': 'linf', 'bim': 'linf', 'pgd_linf': 'linf', 'mifgsm_linf': 'linf', 'apgd_linf': 'linf',
     'pgd_l2': 'l2', 'mifgsm_l2': 'l2', 'cw_l2': 'l2', 'deepfool': 'l2', 'apgd_l2': 'l2',
+    'apgd_t_linf': 'linf', 'square_linf': 'linf', 'apgd_t_l2': 'l2', 'square_l2': 'l2',
 }
+# Attacks whose threat model is their `norm` parameter (its default when not given).
+_NORM_PARAM = ('fab_t', 'autoattack')
 
 # Integer parameters that count iterations and must be >= 1.
-_COUNT_PARAMS = ('steps', 'restarts', 'binary_search_steps', 'candidates')
+_COUNT_PARAMS = ('steps', 'restarts', 'binary_search_steps', 'candidates', 'n_targets', 'queries')
 
 
 def norm_of(name_or_spec: str) -> str:
@@ -56,10 +65,26 @@ def norm_of(name_or_spec: str) -> str:
 
 
 def _norm_of_name(name: str) -> str:
-  ATTACKS.get(name)  # raises the usual error, with the valid names, on a typo
+  fn = ATTACKS.get(name)  # raises the usual error, with the valid names, on a typo
+  if name in _NORM_PARAM:
+    return _spec_norm(name, fn, {})
   if name not in _NORMS:
     raise ValueError(f'{name!r} takes the norm of its base attack: pass the whole spec')
   return _NORMS[name]
+
+
+def _spec_norm(name: str, fn: Callable, params: dict) -> str:
+  """The norm of an attack: fixed by its name, its `norm` parameter, or its base attack's."""
+  if name in _NORMS:
+    return _NORMS[name]
+  if name in _NORM_PARAM:
+    norm = params.get('norm', inspect.signature(fn).parameters['norm'].default)
+    if norm not in common.NORMS:
+      raise ValueError(f'{name}: norm must be one of {", ".join(common.NORMS)}, got {norm!r}')
+    return norm
+  # A composite (adaptive): its base attack's norm, the default base if none is given.
+  base = params.get('base', inspect.signature(fn).parameters['base'].default)
+  return parse_attack(base).norm
 
 
 class AttackSpec(NamedTuple):
@@ -75,7 +100,7 @@ class AttackSpec(NamedTuple):
 
   @property
   def norm(self) -> str:
-    return self.base.norm if self.name not in _NORMS and 'base' in self.params else _NORMS[self.name]
+    return _spec_norm(self.name, self.fn, self.params)
 
   @property
   def eps(self) -> float | None:
@@ -126,7 +151,9 @@ def parse_attack(spec: str | AttackSpec, **overrides: Any) -> AttackSpec:
   if params.get('base') is not None:
     parse_attack(params['base'])  # a composite's base attack is checked like any other
   if params.get('eps') is not None:
-    common.check_eps(_NORMS[name], params['eps'])
+    common.check_eps(_spec_norm(name, fn, params), params['eps'])
+  elif name in _NORM_PARAM:
+    _spec_norm(name, fn, params)  # a bad norm fails here, before any data is loaded
   for p in _COUNT_PARAMS:
     if p in params:
       common.check_steps(params[p], p)

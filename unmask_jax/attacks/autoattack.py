@@ -1,0 +1,98 @@
+"""AutoAttack, standard version (Croce & Hein, ICML 2020): APGD-CE -> APGD-T -> FAB-T -> Square.
+
+Four diverse, parameter-free attacks run in sequence; an image counts as robust only if it is
+classified correctly under every one of them, so the robust accuracy is the per-image worst case
+over the ensemble. The reference implementation runs each attack on the images that are still
+robust; shapes are static under jit, so here every member runs on the whole batch, with the images
+fooled so far marked as done: their results are ignored, and the members' rolled loops (target
+runs, Square's queries) stop once every image is fooled.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unmask_jax.attacks import apgd, common, fab, square, targeting
+from unmask_jax.attacks.common import Array, LogitsFn
+
+VERSIONS = ('standard',)
+MEMBERS = ('apgd_ce', 'apgd_t', 'fab_t', 'square')
+
+
+def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
+               norm: str = 'linf', version: str = 'standard', steps: int = 100,
+               n_targets: int = targeting.DEFAULT_TARGETS, queries: int = 5000) -> Array:
+  """AutoAttack, standard version (Croce & Hein, "Reliable evaluation of adversarial robustness
+  with an ensemble of diverse parameter-free attacks", ICML 2020), L∞ or L2.
+
+  Members, in order, with AutoAttack's standard settings:
+    0. APGD-CE (`apgd_linf`/`apgd_l2`, one start, `steps` iterations),
+    1. APGD-T (`apgd_t_linf`/`apgd_t_l2`, `n_targets` targets, one start each, `steps`),
+    2. FAB-T (`fab_t`, `n_targets` targets, `steps`),
+    3. Square (`square_linf`/`square_l2`, `queries` queries, p_init = 0.8).
+  Member m uses the key fold_in(key, m), so on the images not fooled yet each member computes what
+  the standalone attack computes with that key. Per image, the result is the first member's
+  adversarial that is misclassified
+  (all are inside the eps-ball and [0, 1]); images that every member leaves correctly classified,
+  and images misclassified already, are returned unchanged (as the reference does).
+
+  Differences from the reference: APGD-T is skipped for 2-class models (its targeted DLR loss is
+  constant there; the reference needs C >= 4, here C >= 3 works, see `apgd.dlr_targeted`); the
+  members' own simplifications are in their docstrings. Only version='standard' exists ('plus'
+  and 'rand' are not implemented).
+
+  Args:
+    logits_fn: x -> logits [N, C].
+    x: clean images [N, H, W, C] in [0, 1].
+    y: true labels [N].
+    key: randomness of APGD's starts and Square's search.
+    eps: radius in [0, 1] units, in the norm `norm`.
+    norm: 'linf' or 'l2'.
+    version: 'standard'.
+    steps: iterations of the APGD runs and of FAB-T per target (standard: 100).
+    n_targets: target classes of APGD-T and FAB-T (standard: 9), capped at C - 1.
+    queries: Square's query budget (standard: 5000).
+
+  Returns:
+    x_adv [N, H, W, C] in [0, 1] inside the eps-ball: the robust accuracy under AutoAttack is
+    mean(argmax logits_fn(x_adv) == y).
+
+  Example:
+    >>> attack = attacks.compile_attack('autoattack(eps=8/255, norm="linf")')
+    >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
+  """
+  if norm not in common.NORMS:
+    raise ValueError(f'autoattack: norm must be one of {common.NORMS}, got {norm!r}')
+  if version not in VERSIONS:
+    raise ValueError(f'autoattack: version must be one of {VERSIONS}, got {version!r} '
+                     '(plus and rand are not implemented)')
+  common.check_batch(x, y)
+  common.check_eps(norm, eps, x.shape[1:])
+  common.check_steps(steps)
+  common.check_steps(queries, 'queries')
+  num_classes = targeting.num_classes_of(logits_fn, x)
+  targeting.check_targets(n_targets, num_classes)
+  key = jax.random.key(0) if key is None else key
+  keys = [jax.random.fold_in(key, m) for m in range(len(MEMBERS))]
+
+  fooled = jnp.argmax(logits_fn(x), -1) != y   # misclassified already: returned as they are
+  x_out = x
+
+  def merge(x_m, x_out, fooled):
+    # Every member returns points in the ball; an image takes the first that is misclassified.
+    new = ~fooled & (jnp.argmax(logits_fn(x_m), -1) != y)
+    return jnp.where(new[:, None, None, None], x_m, x_out), fooled | new
+
+  apgd_ce = apgd.apgd_linf if norm == 'linf' else apgd.apgd_l2
+  x_out, fooled = merge(apgd_ce(logits_fn, x, y, keys[0], eps=eps, steps=steps), x_out, fooled)
+  if num_classes >= 3:
+    x_m = apgd._apgd_t(logits_fn, x, y, keys[1], norm=norm, eps=eps, steps=steps,
+                       n_targets=n_targets, restarts=1, rho=0.75, momentum=0.75, done=fooled)
+    x_out, fooled = merge(x_m, x_out, fooled)
+  x_m = fab._fab_t(logits_fn, x, y, keys[2], norm=norm, eps=eps, steps=steps,
+                   n_targets=n_targets, alpha_max=0.1, eta=1.05, beta=0.9, done=fooled)
+  x_out, fooled = merge(x_m, x_out, fooled)
+  x_m = square._square(logits_fn, x, y, keys[3], norm=norm, eps=eps, queries=queries,
+                       p_init=0.8, done=fooled)
+  x_out, _ = merge(x_m, x_out, fooled)
+  return x_out
