@@ -1,6 +1,6 @@
 """Detection stage (row 3): KDE, MC dropout and UnMask's Jaccard scores against the usual tools.
 
-  KDE          closeness.kde_log_density (exact, jitted, chunked log-sum-exp) vs scikit-learn
+  KDE          kde.kde_log_density (exact, jitted, chunked log-sum-exp) vs scikit-learn
                KernelDensity (one tree per class, fit + score_samples) and vs a NumPy float64 brute
                force, which is also the exactness reference (max |error| in nats). Features are M's
                128-d last hidden activations of SynthParts images (train: the class statistics;
@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks import timing, victims
 from unmask_jax.data import parts
-from unmask_jax.defenses import base, closeness, uncertainty, unmask
+from unmask_jax.defenses import base, kde, uncertainty, unmask
 from unmask_jax.models import functional
 
 NAME = 'detection'
@@ -74,9 +74,9 @@ def _kde_rows(settings, victim, device):
   ty = train['label']
   qz = _features(victim, test['image'])
   pred = victims.predictions(victim.logits_fn, test['image'])
-  h, _, _ = closeness.select_bandwidth(tz, ty, jax.random.key(0))
+  h, _, _ = kde.select_bandwidth(tz, ty, jax.random.key(0))
   fns = {
-      'ours': lambda: closeness.kde_log_density(qz, pred, tz, ty, h),
+      'ours': lambda: kde.kde_log_density(qz, pred, tz, ty, h),
       'sklearn': lambda: kde_sklearn(qz, pred, tz, ty, h),
       'numpy': lambda: kde_bruteforce_f64(qz, pred, tz, ty, h),
   }
@@ -97,12 +97,12 @@ def _kde_rows(settings, victim, device):
   print(f'    KDE: ours {t["ours"].wall:.3f} s, sklearn {t["sklearn"].wall:.3f} s, numpy f64 '
         f'{t["numpy"].wall:.3f} s; {check}', flush=True)
   return [
-      timing.Row(NAME, work, 'scikit-learn KernelDensity (per class)', 'closeness.kde_log_density',
+      timing.Row(NAME, work, 'scikit-learn KernelDensity (per class)', 'kde.kde_log_density',
                  t['sklearn'], t['ours'], check=check, device=device, date=settings.date,
                  extra={'err_ours': err_ours, 'rel_ours': rel_ours, 'err_sklearn': err_skl,
                         'bad_sklearn': bad_skl,
                         'queries': n_query}),
-      timing.Row(NAME, work, 'NumPy float64 brute force', 'closeness.kde_log_density',
+      timing.Row(NAME, work, 'NumPy float64 brute force', 'kde.kde_log_density',
                  t['numpy'], t['ours'], check=f'ours max |error| {err_ours:.1e} nats',
                  device=device, date=settings.date),
   ]

@@ -15,7 +15,7 @@ from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
 from unmask_jax import defenses
-from unmask_jax.defenses import base, closeness, combiner, deep_protection, uncertainty
+from unmask_jax.defenses import base, combiner, deep_protection, kde, kl, uncertainty
 
 Partial = jax.tree_util.Partial
 
@@ -145,7 +145,7 @@ def test_kde_matches_float64_bruteforce_128d():
   ctx, params = fake_ctx(hidden=128)
   train, test = fake_data(300, seed=1), fake_data(37, seed=2)
   h = 0.9
-  det = closeness.make_kde(bandwidth=h, chunk=16, train_chunk=64)  # Both chunkings need padding.
+  det = kde.make(bandwidth=h, chunk=16, train_chunk=64)  # Both chunkings need padding.
   state = det.fit(ctx, train, jax.random.key(0))
   got = -det.score(state, ctx, test['image'], jax.random.key(0))
   train_z = np.asarray(_features(params, jnp.asarray(train['image'])), np.float64)
@@ -157,17 +157,17 @@ def test_kde_matches_float64_bruteforce_128d():
 
   # Several bandwidths in one pass equal separate passes; classes without points give -inf.
   hs = np.array([0.5, 2.0])
-  multi = closeness.kde_log_density(z, pred, train_z, train['label'], hs, chunk=8, train_chunk=50)
+  multi = kde.kde_log_density(z, pred, train_z, train['label'], hs, chunk=8, train_chunk=50)
   for j, hj in enumerate(hs):
     ref_j = _bruteforce_log_density(z, pred, train_z, train['label'], hj)
     np.testing.assert_allclose(multi[j], ref_j, atol=1e-3, rtol=0)
-  missing = closeness.kde_log_density(z[:2], np.array([0, 12]), train_z, train['label'], 1.0)
+  missing = kde.kde_log_density(z[:2], np.array([0, 12]), train_z, train['label'], 1.0)
   assert np.isfinite(missing[0]) and missing[1] == -np.inf
 
 
 def test_kde_bandwidth_selection():
   ctx, _ = fake_ctx(hidden=32)
-  det = closeness.make_kde(bandwidth=None, chunk=32, train_chunk=64)
+  det = kde.make(bandwidth=None, chunk=32, train_chunk=64)
   state = det.fit(ctx, fake_data(200, seed=4), jax.random.key(1))
   best = int(np.argmax(state['heldout_loglik']))
   assert 0 < best < len(state['bandwidth_grid']) - 1  # An interior maximum.
@@ -181,12 +181,12 @@ def test_closeness_bad_inputs():
   train, x = fake_data(40), fake_data(3, seed=9)['image']
   for bad in (0.0, -1.0):
     with pytest.raises(ValueError, match='> 0'):
-      closeness.make_kde(bandwidth=bad)
+      kde.make(bandwidth=bad)
   with pytest.raises(ValueError, match='> 0'):
     defenses.make('kde(bandwidth=0)')
   with pytest.raises(ValueError):
-    closeness.kde_log_density(np.zeros((1, 2)), [0], np.zeros((3, 2)), [0, 0, 0], -0.5)
-  for det in (closeness.make_kde(bandwidth=1.0), closeness.make_kl()):
+    kde.kde_log_density(np.zeros((1, 2)), [0], np.zeros((3, 2)), [0, 0, 0], -0.5)
+  for det in (kde.make(bandwidth=1.0), kl.make()):
     with pytest.raises(base.NotFittedError):
       det.score(None, ctx128, x, None)
     state = det.fit(ctx128, train, jax.random.key(0))
@@ -194,21 +194,21 @@ def test_closeness_bad_inputs():
       det.score(state, ctx64, x, None)
   with pytest.raises(ValueError, match='no training examples'):
     # Only 5 of the 10 classes have training examples.
-    closeness.make_kde(bandwidth=1.0).fit(ctx128, fake_data(5), jax.random.key(0))
+    kde.make(bandwidth=1.0).fit(ctx128, fake_data(5), jax.random.key(0))
 
 
 def test_kl_known_pmfs():
   p = np.log([0.5, 0.5])
   q = np.log([0.25, 0.75])
   want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-  assert float(closeness.kl_divergence(p, q)) == pytest.approx(want, abs=1e-6)
-  assert float(closeness.kl_divergence(q, q)) == pytest.approx(0.0, abs=1e-7)
+  assert float(kl.kl_divergence(p, q)) == pytest.approx(want, abs=1e-6)
+  assert float(kl.kl_divergence(q, q)) == pytest.approx(0.0, abs=1e-7)
   # Both conversions of the documented PMFs.
-  np.testing.assert_allclose(np.exp(closeness.activation_log_pmf([0.0, math.log(3.0)], 'softmax')),
+  np.testing.assert_allclose(np.exp(kl.activation_log_pmf([0.0, math.log(3.0)], 'softmax')),
                              [0.25, 0.75], atol=1e-6)
-  np.testing.assert_allclose(np.exp(closeness.activation_log_pmf([1.0, 3.0], 'normalize', eps=0.0)),
+  np.testing.assert_allclose(np.exp(kl.activation_log_pmf([1.0, 3.0], 'normalize', eps=0.0)),
                              [0.25, 0.75], atol=1e-6)
-  np.testing.assert_allclose(np.exp(closeness.activation_log_pmf([0.0, 0.0], 'normalize')),
+  np.testing.assert_allclose(np.exp(kl.activation_log_pmf([0.0, 0.0], 'normalize')),
                              [0.5, 0.5], atol=1e-6)  # All-zero ReLU vector -> uniform, no NaN.
 
   # End to end: KL(PMF(z) || PMF(mean of the predicted class's training activations)).
@@ -231,7 +231,7 @@ def test_kl_known_pmfs():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   neg_ctx = ctx._replace(features_fn=Partial(lambda x: _features(params, x) - 1.0))
   with pytest.raises(ValueError, match='non-negative'):
-    closeness.make_kl(pmf='normalize').fit(neg_ctx, train, jax.random.key(0))
+    kl.make(pmf='normalize').fit(neg_ctx, train, jax.random.key(0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from unmask_jax.registry import Registry, check_kwargs, parse_spec
 DEFENSES = Registry('defense', {
     'unmask': 'unmask_jax.defenses.unmask:make',
     'mc_dropout': 'unmask_jax.defenses.uncertainty:make',
-    'kde': 'unmask_jax.defenses.closeness:make_kde',
-    'kl': 'unmask_jax.defenses.closeness:make_kl',
+    'kde': 'unmask_jax.defenses.kde:make',
+    'kl': 'unmask_jax.defenses.kl:make',
     'lr_combiner': 'unmask_jax.defenses.combiner:make',
     'deep_protection': 'unmask_jax.defenses.deep_protection:make',
     'mrr': 'unmask_jax.defenses.mrr:make',
