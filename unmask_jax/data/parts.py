@@ -5,8 +5,10 @@ The table ships with the package (`class_parts.json`, a copy of the original cod
 dataset, K and the UnMask defense agree on them: id 0 is background, part `i` of `PART_NAMES`
 has mask id `i + 1`.
 
-Note: the table names 45 distinct parts, while the paper's text says 44; the class sets use 36
-of them and their part counts and overlaps (Table II) reproduce exactly.
+Note: the table names 45 distinct parts, while the paper's text says 44: the 45th is `handlebar`
+(bicycle, motorbike), which the original code's table has commented out. It is kept here because
+PASCAL-Part annotates it and no class set uses it; the class sets use 36 of the parts and their
+part counts and overlaps (Table II) reproduce exactly.
 """
 from __future__ import annotations
 

@@ -89,10 +89,12 @@ _RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r i
     (r'(?:nose|mouth|hair|torso|neck|tail|muzzle|beak|body|cap|pot|plant|screen|stern|saddle'
      r'|handlebar)', None),                  # already robust: kept as they are
 ))
-# Sides: cars and buses have frontside/leftside/...; trains have head sides (hfrontside, ...)
-# and numbered coach sides (cfrontside_1, ...), which the original code merged alike.
+# Sides: cars and buses have frontside/leftside/...; trains have numbered coach sides
+# (cfrontside_1, ...), merged into coach_front/left/right/back/top as the original UnMask code
+# did, and locomotive head sides (hfrontside, ...), which the original code DROPS (no rule
+# matches them): dropped here too, so that K is trained on the original's part vocabulary.
 _VEHICLE_SIDE = re.compile(r'(front|left|right|back|roof)side')
-_TRAIN_SIDE = re.compile(r'[hc](front|left|right|back|roof)side' + _N)
+_TRAIN_SIDE = re.compile(r'c(front|left|right|back|roof)side' + _N)
 _WHOLE_COACH = re.compile(r'coach' + _N)  # a whole carriage, like a whole-object mask: skipped
 
 

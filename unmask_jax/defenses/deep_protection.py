@@ -23,6 +23,12 @@ longer compile). Convolutions are im2col matmuls by default (`models.dip_generat
 per-image kernels would be grouped convolutions, which XLA:CPU runs far slower; `conv='lax'` keeps
 XLA's convolution (try it on GPU). Measured timings: BENCHMARKS.md, "Deep Protection".
 
+No PSNR backtracking: the DIP reference code reloads the previous parameters when the PSNR of
+the output to the input drops sharply between checks (a divergence guard); this implementation does
+not (Adam at lr 0.01 with the EMA output did not diverge in our runs, and a data-dependent reload
+would break the fixed-iteration, jittable `restore_batch`). Results may differ from the reference
+where it backtracked.
+
 Stopping (`make(stop=...)`):
   'fixed': a fixed iteration count for every image: `iters`, or chosen by `fit` on clean
     validation images (see `make`).
