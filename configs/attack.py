@@ -12,12 +12,12 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.model_dir = ''
-  c.data_dir = 'data'
-  c.split = 'test'
-  c.max_examples = 0
-  c.attacks = ()
-  c.steps = 20
-  c.batch_size = 128
-  c.seed = 0
+  c.model_dir = ''        # the victim: a train_m.py workdir (or a torch_import --out)
+  c.data_dir = 'data'     # where the datasets are built
+  c.split = 'test'        # 'test', or 'validation' for held-out attacks (LR combiner)
+  c.max_examples = 0      # attack the first N images of the split (0 = all)
+  c.attacks = ()          # "label=spec" entries; () = the paper's vectors
+  c.steps = 20            # iterations of the paper's vectors
+  c.batch_size = 128      # images per compiled call (last batch padded)
+  c.seed = 0              # random starts
   return c

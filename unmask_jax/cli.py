@@ -118,10 +118,71 @@ def define_config(name: str, default: str | None, help_string: str):
   defined, i.e. at import, before `run` can catch anything; this catches that case too.
   """
   _CONFIG_DEFAULTS[name] = default
+  given = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith(f'--{name}=')), None)
+  if given or default:
+    help_string = help_string + config_help(name, given or default)
+  else:
+    help_string += f' (Give --{name}=<file> with --help to list its fields and defaults.)'
   try:
-    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+    holder = config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+    # Listed by --help of the calling script (not only --helpfull): a key flag of its module.
+    caller = sys._getframe(1).f_globals.get('__name__', '__main__')  # pylint: disable=protected-access
+    if caller == '__main__':
+      caller = sys.argv[0]   # absl's name for the script's module
+    flags.FLAGS.register_key_flag_for_module(caller, flags.FLAGS[name])
+    return holder
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     _fail(_override_error(e, sys.argv))
+
+
+def _comments(path: str) -> dict[str, str]:
+  """field name -> the trailing `# comment` of the line that sets it, over the config file and
+  the other files of its folder (configs import each other's get_config)."""
+  import re
+  out: dict[str, str] = {}
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    src = open(path).read()
+  except OSError:
+    return out
+  # The file itself first, then the config modules it imports (`from configs import a, b`).
+  imported = [os.path.join(folder, f'{m.strip()}.py') for line in re.findall(r'from configs import ([\w, ]+)', src)
+              for m in line.split(',')]
+  for f in [os.path.abspath(path)] + imported + [os.path.join(folder, 'common.py')]:
+    try:
+      lines = open(f).read().splitlines()
+    except OSError:
+      continue
+    for line in lines:
+      m = re.search(r"""(?:\.(\w+)\s*=|'(\w+)'\s*:)[^#]*#\s*(.+)$""", line)
+      if m:
+        out.setdefault(m.group(1) or m.group(2), m.group(3).strip())
+  return out
+
+
+def config_help(name: str, path: str) -> str:
+  """The fields of a config file, their defaults and their one-line comments, for --help."""
+  try:
+    from ml_collections.config_flags import config_flags as impl
+    config = impl.ConfigFileFlagParser(name=name).parse(path.split(':')[0] if path.endswith(
+        (':tiny', ':full')) else path)
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  notes = _comments(path.split(':')[0])
+  rows = []
+
+  def walk(node, prefix):
+    for k in sorted(node.keys()):
+      v = node[k]
+      if hasattr(v, 'keys') and len(v):
+        walk(v, f'{prefix}{k}.')
+        continue
+      note = notes.get(k, '')
+      text = repr(v if not hasattr(v, 'to_dict') else v.to_dict())
+      rows.append(f'    --{name}.{prefix}{k}={text[:60]}' + (f'  # {note}' if note else ''))
+  walk(config, '')
+  return (f'\n  Fields of {path} (override any with --{name}.<field>=<value>; '
+          'the file says more):\n' + '\n'.join(rows))
 
 
 def _check_config_files() -> None:

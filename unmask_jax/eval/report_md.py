@@ -40,6 +40,10 @@ def roc_plots(results: dict, workdir: str) -> dict[str, str]:
                 if any(d in a['roc'] for a in cs['attacks'].values())]
     if not defenses:
       continue
+    # One colour per attack in every panel (and every class set), in the order attacks were run.
+    labels = list(dict.fromkeys(l for c in results['class_sets'].values() for l in c['attacks']))
+    palette = plt.get_cmap('tab10' if len(labels) <= 10 else 'tab20')
+    colour = {l: palette(i % palette.N) for i, l in enumerate(labels)}
     ncols = min(4, len(defenses))
     nrows = -(-len(defenses) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.4 * nrows), squeeze=False)
@@ -51,9 +55,14 @@ def roc_plots(results: dict, workdir: str) -> dict[str, str]:
           continue
         neg, pos = np.asarray(a['roc'][d]['neg']), np.asarray(a['roc'][d]['pos'])
         fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
-        ax.plot(fpr, tpr, label=f'{label} ({a["detection"][d]["auc"]:.3f})')
-      ax.plot([0, 1], [0, 1], 'k:', lw=0.8)
-      ax.set(xlabel='false positive rate', ylabel='true positive rate',
+        ax.plot(fpr, tpr, color=colour[label], label=f'{label} ({a["detection"][d]["auc"]:.3f})')
+      # Log-scaled FPR: the operating region of a detector (1-5% FPR) is where curves differ.
+      chance = np.logspace(-3, 0, 50)
+      ax.plot(chance, chance, 'k:', lw=0.8)
+      ax.set_xscale('log')
+      ax.set_xlim(1e-3, 1.0)
+      ax.axvline(0.05, color='0.7', lw=0.8, ls='--')
+      ax.set(xlabel='false positive rate (log scale; dashed: 5%)', ylabel='true positive rate',
              title=f'{cs_name.upper()} ({cs["overlap"]:.1%} overlap): {_short(d)}')
       ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
@@ -62,6 +71,13 @@ def roc_plots(results: dict, workdir: str) -> dict[str, str]:
     plt.close(fig)
     paths[cs_name] = path
   return paths
+
+
+def _with_ci(v: float, ci) -> str | float:
+  """'0.985 [0.970, 0.995]': a value with its bootstrap 95% CI (the value alone without one)."""
+  if not ci or any(c != c for c in ci):
+    return v
+  return f'{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]'
 
 
 def accuracy_rows(results: dict) -> tuple[list[dict], list[str]]:
@@ -84,11 +100,18 @@ def accuracy_rows(results: dict) -> tuple[list[dict], list[str]]:
       for m in methods[cs_name]:
         if a and m in a['accuracy']:
           v = a['accuracy'][m]
-          row[f'{cs_name.upper()} {_short(m)}'] = v
+          row[f'{cs_name.upper()} {_short(m)}'] = _with_ci(v, a.get('accuracy_ci', {}).get(m))
           if not label.startswith('FGSM'):
             sums.setdefault(f'{cs_name.upper()} {_short(m)}', []).append(v)
     rows.append(row)
   rows.append({'attack': 'mean (paper vectors)', **{k: float(np.mean(v)) for k, v in sums.items()}})
+  worst = {'attack': 'worst case (per image, every attack above)'}
+  for cs_name, cs in results['class_sets'].items():
+    for m, v in cs.get('worst_case', {}).get('accuracy', {}).items():
+      if m in methods[cs_name]:
+        worst[f'{cs_name.upper()} {_short(m)}'] = _with_ci(v, cs['worst_case']['accuracy_ci'].get(m))
+  if len(worst) > 1:
+    rows.append(worst)
   clean = {'attack': 'clean'}
   for cs_name, cs in results['class_sets'].items():
     for m in methods[cs_name]:
@@ -117,7 +140,8 @@ def auc_rows(results: dict) -> tuple[list[dict], list[str]]:
   for cs_name, cs in results['class_sets'].items():
     for label, a in cs['attacks'].items():
       row = {'class set': cs_name.upper(), 'attack': label, 'success': a['success_rate']}
-      row.update({_short(d): a['detection'][d]['auc'] for d in dets if d in a['detection']})
+      row.update({_short(d): _with_ci(a['detection'][d]['auc'], a['detection'][d].get('auc_ci'))
+                  for d in dets if d in a['detection']})
       rows.append(row)
   return rows, ['class set', 'attack', 'success'] + [_short(d) for d in dets]
 
@@ -306,7 +330,9 @@ def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) ->
            'None = undefended M on attacks against M; AT = adversarially trained M on attacks against '
            'itself; other columns = defenses protecting M on the attacks against M. "DP (subset)" = '
            'Deep Protection with its validation-chosen fixed stop, on the first test images only '
-           '(see its section; its mean is over the attacks it was run on).', '',
+           '(see its section; its mean is over the attacks it was run on). In brackets: bootstrap '
+           '95% confidence intervals over the test images. The worst-case row counts an image as '
+           'correct only if it is correct under every attack (per image, as AutoAttack does).', '',
            report.table(acc, acc_cols, markdown=True), '',
            '## Detection (gray-box; contamination 0.5): ROC AUC', '',
            'UM = UnMask, MC-* = MC-dropout metric, LR = logistic-regression combiner (fitted per attack '
