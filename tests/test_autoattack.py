@@ -12,7 +12,7 @@ import pytest
 from unmask_jax import attacks
 from unmask_jax.attacks import apgd, common, fab, square
 from unmask_jax.attacks.autoattack import autoattack
-from unmask_jax.attacks.pgd import pgd_linf
+from unmask_jax.attacks.pgd import pgd_l2, pgd_linf
 
 Partial = jax.tree_util.Partial
 SHAPE = (8, 8, 1)  # tiny images, but large enough for Square's windows: d = 64
@@ -115,16 +115,21 @@ def test_apgd_t_at_least_as_strong_as_apgd_ce_and_scale_invariant(trained):
 
 def test_square_finds_most_of_what_pgd_finds(trained):
   fn, _, x, y, _, _ = trained
-  eps = 0.03
-  s_pgd = fooled(fn, jax.jit(functools.partial(pgd_linf, eps=eps, steps=20))(fn, x, y, KEY), y)
-  x_sq = jax.jit(functools.partial(square.square_linf, eps=eps, queries=300))(fn, x, y, KEY)
-  s_sq = fooled(fn, x_sq, y)
-  assert 0.3 < s_pgd.mean() < 1.0, s_pgd.mean()
+  found = {}
+  for norm, pgd, sq, eps in (('linf', pgd_linf, square.square_linf, 0.03),
+                             ('l2', pgd_l2, square.square_l2, 0.25)):
+    s_pgd = fooled(fn, jax.jit(functools.partial(pgd, eps=eps, steps=20))(fn, x, y, KEY), y)
+    x_sq = jax.jit(functools.partial(sq, eps=eps, queries=300))(fn, x, y, KEY)
+    found[norm] = x_sq, fooled(fn, x_sq, y).mean(), s_pgd.mean()
+    assert 0.3 < s_pgd.mean() < 1.0, (norm, s_pgd.mean())
   # Without a single gradient, 300 queries find most of what 20 PGD steps find.
-  assert s_sq.mean() >= 0.8 * s_pgd.mean(), (s_sq.mean(), s_pgd.mean())
-  # Square searches the vertices of the box: every pixel is at x ± eps, or clipped to [0, 1].
-  moved = np.abs(np.asarray(x_sq - x))
-  assert np.all((np.abs(moved - eps) < 1e-5) | np.isin(np.asarray(x_sq), (0.0, 1.0)))
+  assert all(s_sq >= 0.8 * s_pgd for _, s_sq, s_pgd in found.values()), found
+  # L∞ Square searches the vertices of the box: every pixel is at x ± eps, or clipped to [0, 1].
+  x_sq = np.asarray(found['linf'][0])
+  moved = np.abs(x_sq - np.asarray(x))
+  assert np.all((np.abs(moved - 0.03) < 1e-5) | np.isin(x_sq, (0.0, 1.0)))
+  # L2 Square keeps its perturbation on the eps-sphere, up to the clip to [0, 1].
+  assert np.all(dist('l2', found['l2'][0], x) <= 0.25 * (1 + 1e-5))
 
 
 def test_autoattack_is_the_per_image_worst_case_over_its_members(trained):

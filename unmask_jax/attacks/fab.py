@@ -14,54 +14,46 @@ import jax.numpy as jnp
 from unmask_jax.attacks import common, targeting
 from unmask_jax.attacks.common import Array, LogitsFn
 
-# Breakpoint for coordinates with a zero weight in the L2 projection: they never move, and a
-# finite value keeps the sums below free of inf * 0.
-_BIG = 1e30
-
-
 def project_hyperplane_box(norm: str, p: Array, w: Array, c: Array) -> Array:
   """The minimal-norm d with w·d = c and p + d in [0, 1]^D, per row of p, w [N, D], c [N].
 
-  Exact for both norms, by one sort per row. Moving coordinate i in the direction
-  u_i = sign(c) sign(w_i) until its box face (room r_i), the reachable |w·d| as a function of a
-  scalar lambda >= 0 is
+  Moving coordinate i in the direction u_i = sign(c) sign(w_i) until its box face (room r_i), the
+  reachable |w·d| as a function of a scalar lambda >= 0 is
 
       L∞:  g(lambda) = sum_i |w_i| min(lambda, r_i)          (d_i = u_i min(lambda, r_i))
       L2:  g(lambda) = sum_i |w_i| min(lambda |w_i|, r_i)    (d_i = u_i min(lambda |w_i|, r_i),
-                                                               the KKT form clip(lambda w, box))
+                                                               the KKT form clip(lambda w, box)),
 
-  which is non-decreasing and piecewise linear with breakpoints beta_i = r_i (L∞), r_i / |w_i|
-  (L2). Sorting the breakpoints gives g at each of them by cumulative sums, and the lambda with
-  g(lambda) = |c| by one linear solve on the right piece. Where the hyperplane cannot be reached
-  inside the box, every coordinate moves to its face (the closest point to it).
+  continuous and non-decreasing, so the answer is the smallest lambda with g(lambda) >= |c|. It is
+  found by bisection on the float32 bit patterns of lambda (monotone for lambda >= 0): 32 halvings
+  of [0, max_i breakpoint] give the smallest such float exactly, whatever the scale. (The same
+  lambda as sorting the breakpoints and solving on the right linear piece, which the reference
+  does, but 13x faster on XLA:CPU: 3 ms vs 40 ms for 64 rows of 32x32x3, where argsort was the
+  whole cost.) Where the hyperplane cannot be reached inside the box, every coordinate moves to
+  its face (the closest point to it).
   """
-  s = jnp.sign(c)[:, None]
-  u = s * jnp.sign(w)
+  u = jnp.sign(c)[:, None] * jnp.sign(w)
   room = jnp.where(u > 0, 1.0 - p, jnp.where(u < 0, p, 0.0))
   aw = jnp.abs(w)
   if norm == 'linf':
-    brk, slope, scale = room, aw, jnp.ones_like(aw)
-  else:
-    brk = jnp.where(aw > 0, room / jnp.maximum(aw, common.TINY), _BIG)
-    slope, scale = jnp.square(aw), aw
-  sat = aw * room  # |w_i| r_i: coordinate i's share of |w·d| once at its face
-  order = jnp.argsort(brk, axis=-1)
-  brk_s, sat_s, slope_s = (jnp.take_along_axis(v, order, axis=-1) for v in (brk, sat, slope))
-  sat_incl = jnp.cumsum(sat_s, axis=-1)
-  # Reverse cumulative sums, so that trailing zero slopes sum to an exact 0 (a difference of
-  # totals would leave rounding error times the huge breakpoints of zero-weight coordinates).
-  slope_from = jnp.flip(jnp.cumsum(jnp.flip(slope_s, -1), -1), -1)       # sum_{i >= k}
-  slope_after = jnp.concatenate([slope_from[:, 1:], jnp.zeros_like(slope_from[:, :1])], -1)
-  g = sat_incl + brk_s * slope_after                                       # g(beta_(k))
+    scale, brk = jnp.ones_like(aw), room
+  else:  # coordinate i reaches its face at lambda = r_i / |w_i| (never, for a zero weight)
+    scale, brk = aw, jnp.where(aw > 0, room / jnp.maximum(aw, common.TINY), 0.0)
   target = jnp.abs(c)
-  k = jnp.sum(g < target[:, None], axis=-1)  # the first breakpoint with g >= |c|
-  dim = p.shape[-1]
-  kk = jnp.minimum(k, dim - 1)[:, None]
-  sat_before = jnp.take_along_axis(sat_incl - sat_s, kk, axis=-1)[:, 0]
-  slope_k = jnp.take_along_axis(slope_from, kk, axis=-1)[:, 0]
-  lam = (target - sat_before) / jnp.maximum(slope_k, common.TINY)
-  lam = jnp.where(k >= dim, brk_s[:, -1], lam)   # unreachable: every coordinate to its face
-  lam = jnp.where(target > 0, lam, 0.0)
+
+  def reach(lam):
+    return jnp.sum(aw * jnp.minimum(lam[:, None] * scale, room), axis=-1)
+
+  def halve(_, bounds):  # invariant: the answer's bits are in [lo, hi]
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = reach(jax.lax.bitcast_convert_type(mid, jnp.float32)) >= target
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  hi = jax.lax.bitcast_convert_type(jnp.max(brk, axis=-1), jnp.int32)
+  # A rolled loop: 32 cheap element-wise passes, not attack steps (`common.iterate` is for those).
+  _, hi = jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(hi), hi))
+  lam = jax.lax.bitcast_convert_type(hi, jnp.float32)
   return u * jnp.minimum(lam[:, None] * scale, room)
 
 
