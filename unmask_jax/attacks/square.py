@@ -252,9 +252,11 @@ def square_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float
   As `square_linf` with the paper's L2 update: the start is a grid of profile windows (side
   min(H, W) // 5, the profile of `eta_profile`: two opposite-sign halves peaked at their centres)
   with random signs, rescaled to norm eps. At query t, with windows W1, W2 of side s_t (odd,
-  >= 3) at random positions and δ the current perturbation, per channel
+  >= 3) at random positions, δ the current perturbation, η the s x s profile (or its transpose)
+  and ξ = ±1 at random, per channel
 
-      δ_W1 <- (η ξ + δ_W1 / ||δ_W1||) / ||·|| * sqrt(max(eps^2 - ||δ||^2, 0) / C + ||δ_{W1 ∪ W2}||^2),
+      v     = η ξ + δ_W1 / ||δ_W1||,
+      δ_W1 <- v / ||v|| * sqrt(max(eps^2 - ||δ||^2, 0) / C + ||δ_{W1 ∪ W2}||^2),
       δ_W2 <- 0 (outside W1),   x' = clip_[0,1](x + eps δ / ||δ||_2),
 
   so the perturbation moves mass from W2 to W1 and stays on the eps-sphere (before the clip).
