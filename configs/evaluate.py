@@ -56,7 +56,7 @@ def get_config():
       'extra_defenses': ('deep_protection(iters=100, widths=(16, 32), chunk=16)',),
       # Sanity check: success with one more restart on a subset must not be lower.
       'budget_check': {'defense': 'kde', 'attack': 'PGD-Linf-8', 'n_images': 50},
-      'small': {'deep_protection': {'n_images': 16, 'steps': 10},
+      'small': {'deep_protection': {'n_images': 16, 'steps': 10, 'n_calibration': 64},
                 'mc_dropout': {'n_images': 100}, 'lr_combiner': {'n_images': 100}},
   })
   c.extra_sections = ()    # markdown files appended to report.md (the main job adds the digits study)

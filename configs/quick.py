@@ -39,6 +39,6 @@ def get_config():
   c.evaluate.adaptive.update({'n_images': 12, 'steps': 4, 'attacks': ('PGD-Linf-8',),
                               'class_sets': ('cs3a',), 'defenses': ('unmask', 'kde'),
                               'extra_defenses': ('deep_protection(iters=10, widths=(8, 16), chunk=8)',)})
-  c.evaluate.adaptive.small = {'deep_protection': {'n_images': 4, 'steps': 2}}
+  c.evaluate.adaptive.small = {'deep_protection': {'n_images': 4, 'steps': 2, 'n_calibration': 12}}
   c.evaluate.adaptive.budget_check.n_images = 8
   return c

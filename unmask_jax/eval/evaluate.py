@@ -299,8 +299,9 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
         adaptive_cfg, det_states, ctx, x_test, y_test,
         {l: {**r, 'norm': index['attacks'][l]['norm'], 'eps': index['attacks'][l]['eps']} for l, r in adv.items()},
         clean_dec, _key_for(root, cs_name, 'adaptive'),
-        make_defense=make_defense, fit=lambda d, n: fitted_states(d, n, ctx, fit_data, x_val, None, adv,
-                                                                    root, cs_name, workdir))
+        make_defense=make_defense,
+        fit=lambda d, n, n_cal: fitted_states(d, n, ctx, fit_data, x_val[:n_cal], None, adv, root,
+                                              cs_name, workdir))
     out['adaptive_seconds'] = round(time.perf_counter() - t0, 1)
   dip_cfg = config.get('dip', None)
   if dip_cfg is not None and cs_name in dip_cfg.class_sets:
