@@ -17,6 +17,7 @@ def get_config():
   c.split = 'test'        # 'test', or 'validation' for held-out attacks (LR combiner)
   c.max_examples = 0      # attack the first N images of the split (0 = all)
   c.attacks = ()          # "label=spec" entries; () = the paper's vectors
+  c.extra_attacks = ()    # "label=spec" entries run after those (e.g. AutoAttack)
   c.steps = 20            # iterations of the paper's vectors
   c.batch_size = 128      # images per compiled call (last batch padded)
   c.seed = 0              # random starts

@@ -26,6 +26,10 @@ def get_config():
   c.at.num_epochs = 12              # each AT step costs 8 forward-backward passes
   c.attack = attack.get_config()
   c.attack.max_examples = 300       # test images attacked per class set (first 300 of the split)
+  # The AutoAttack standard ensemble (Croce & Hein 2020: APGD-CE, APGD-T, FAB-T, Square; correct
+  # = correct under every member, per image) at 8/255, with a reduced budget for the 2-core CPU
+  # (the spec in the report states it). Run on M and AT-M, not on the held-out validation split.
+  c.attack.extra_attacks = ('AutoAttack-Linf-8=autoattack(eps=8/255, norm="linf", steps=20, queries=500)',)
   # MRR (Rouhani et al. 2018): N defenders per class set; the evaluation reports N = 1, 2, 4 (first n of them).
   c.mrr = ml_collections.ConfigDict({'num_defenders': 4, 'defender': mrr_defender.get_config()})
   # Validation images attacked to fit the LR combiner (held out: thresholds use the others).

@@ -25,6 +25,7 @@ def get_config():
   # Three vectors (single-step, iterative L∞, iterative L2) keep compile time small.
   c.attack.attacks = ('FGSM-Linf-8=fgsm(eps=8/255)', 'PGD-Linf-8=pgd_linf(eps=8/255, steps=3)',
                       'PGD-L2-600=pgd_l2(eps=0.5, steps=3)')
+  c.attack.extra_attacks = ('AutoAttack-Linf-8=autoattack(eps=8/255, norm="linf", steps=3, queries=20)',)
   c.attack.batch_size = 32
   c.digits = digits_study.tiny()
   c.evaluate.dip.update({'attacks': ('PGD-Linf-8',), 'n_images': 6, 'val_size': 6, 'max_iters': 50,

@@ -43,7 +43,13 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
   # Protection predicts too, but only where the quick config runs its DIP study (cs3a, PGD-Linf-8).
   assert set(cs3a['clean']) == {'None', 'AT', 'unmask', mc, 'deep_protection'}
   assert set(results['class_sets']['cs3b']['clean']) == {'None', 'AT', 'unmask', mc}
-  assert set(cs3a['attacks']) == {'FGSM-Linf-8', 'PGD-Linf-8', 'PGD-L2-600'}
+  assert set(cs3a['attacks']) == {'FGSM-Linf-8', 'PGD-Linf-8', 'PGD-L2-600', 'AutoAttack-Linf-8'}
+  # AutoAttack's per-image worst case is in the worst-case row: never above any single attack.
+  wc = cs3a['worst_case']['accuracy']
+  assert set(wc) >= {'None', 'AT', 'unmask'}
+  for m, v in wc.items():
+    assert v <= min(x['accuracy'][m] for x in cs3a['attacks'].values() if m in x['accuracy']) + 1e-9
+  assert '| worst case (per image, every attack above) |' in text
   # The report lists attacks in the order they were run (results.json is key-sorted).
   assert text.index('| FGSM-Linf-8 |') < text.index('| PGD-Linf-8 |') < text.index('| PGD-L2-600 |')
   a = cs3a['attacks']['PGD-Linf-8']

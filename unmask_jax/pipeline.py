@@ -452,6 +452,8 @@ def run_main(config, workdir: str, *, overwrite: bool = False, extra_stages=()) 
         continue
       a_cfg = config.attack.copy_and_resolve_references()
       a_cfg.model_dir, a_cfg.data_dir, a_cfg.split, a_cfg.max_examples = model_dir, config.data_dir, split, n
+      if split != 'test' and 'extra_attacks' in a_cfg:
+        a_cfg.extra_attacks = ()   # the held-out split fits the LR combiner on the paper's vectors
       stage(f'attack {who} {cs}', lambda: attack(a_cfg, out_dir, overwrite=overwrite))
     eval_sets[cs] = dirs
 

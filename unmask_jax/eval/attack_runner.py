@@ -134,7 +134,8 @@ def run_attacks(config, workdir: str, *, overwrite: bool = False) -> list[dict]:
   if config.get('max_examples', 0):
     ds = ds.take(slice(0, config.max_examples))
   data_fp = ds.fingerprint()
-  entries = list(config.attacks) or paper_attacks(ds.image_shape, steps=config.get('steps', 20))
+  entries = (list(config.attacks) or paper_attacks(ds.image_shape, steps=config.get('steps', 20))) \
+      + list(config.get('extra_attacks', ()))
   parsed = parse_entries(entries)
   bs = config.batch_size
   keys = {label: {'spec': str(aspec), 'seed': int(config.seed), 'batch_size': int(bs), 'position': a_i}
