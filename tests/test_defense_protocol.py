@@ -30,10 +30,11 @@ C = 3
 # decision (score > threshold; a corrector's argmax) matches the exact one. It is 1.0 where the
 # surrogate IS the exact function (KDE, KL, MRR's smooth max at a small temperature, LR over
 # them) and lower where it is a stand-in: MC dropout (its surrogate draws its own dropout masks),
-# UnMask (soft part presence); Deep Protection's forward pass is the exact restoration (BPDA only
+# UnMask (soft part presence; its class surrogate is a hinge on K's part margins, not the
+# Jaccard); Deep Protection's forward pass is the exact restoration (BPDA only
 # changes the backward pass).
 SPECS = {
-    'unmask': ('unmask', 0.8),
+    'unmask': ('unmask', 0.7),
     'mc_dropout': ('mc_dropout(T=8, surrogate_T=8)', 0.6),
     'kde': ('kde(bandwidth=1.0)', 1.0),
     'kl': ('kl', 1.0),

@@ -342,7 +342,7 @@ def _validate_adaptive(a, prefix: str) -> None:
   _int(a, 'steps', prefix, 1)
   _int(a, 'restarts', prefix, 1)
   _one_of(a.targets, adaptive_lib.TARGETS, f'{prefix}.targets')
-  _one_of(a.get('objective', 'orthogonal'), tuple(adaptive_lib.OBJECTIVES), f'{prefix}.objective')
+  _one_of(a.get('objective', 'selective'), tuple(adaptive_lib.OBJECTIVES), f'{prefix}.objective')
   if not float(a.kappa) >= 0:
     _fail(f'{prefix}.kappa must be >= 0 (a margin in logits), got {a.kappa!r}')
   if not a.attacks:

@@ -11,9 +11,9 @@ For a target class t != y, with M's logits z, the defense's surrogate score s~ (
 clean-validation score std sigma) and, for correctors, its soft class logits z~:
 
   m_t(x)  = z_t - max_{j != t} z_j                  (M's margin for t)
-  c_t(x)  = min(z~_t - max_{j != t} z~_j, kappa)     (the corrected class's margin; 0 if no corrector)
+  c(x)    = min(max_{j != y} z~_j - z~_y, kappa)    (a wrong corrected class; 0 if no corrector)
   J_t(x)  = m_t(x)                                   if m_t(x) < kappa   (first fool M)
-          = kappa + (tau - s~(x)) / sigma + c_t(x)   otherwise           (then hide from the defense)
+          = kappa + (tau - s~(x)) / sigma + c(x)     otherwise           (then hide from the defense)
 
 a selective objective (Bryniarski et al. 2022, "Evading adversarial example detection defenses
 with orthogonal projected gradient descent", use the same idea): each step follows the gradient of
@@ -22,6 +22,12 @@ for long. The score term is not clipped: lower is always better, so the adversar
 looking MORE typical than clean ones when the defense allows it.
 
   success(x') = M(x') != y  AND  s(x') <= tau  AND  (corrector: pred(x') != y)
+
+`objective='orthogonal'` keeps J's value but steps along orthogonal PGD's gradient (Bryniarski et
+al. 2022): it finds the optimum of a toy defense where sign steps of J alone oscillate
+(tests/test_adaptive.py), but on the main job's defenses it was the weaker one (MC dropout 0.38 vs
+0.98, KDE 0.72 vs 0.98 attack success; CS3a, 8/255, 64 images, 20 steps), so 'selective' is the
+default.
 
 Every wrong class is a target (`targets='all'`: the C - 1 targets run as one batch of (C - 1) N
 images, so the steps stay one straight-line program); each example keeps its best iterate over
@@ -93,7 +99,8 @@ def _hide_term(target, num_classes, kappa, yt, x, key):
   sur = target.surrogate(x, key)
   hide = (target.threshold - sur.score) / target.scale
   if target.corrects and sur.logits is not None:
-    hide = hide + jnp.minimum(_margin_to(sur.logits, _decode(yt, num_classes)[1]), kappa)
+    # Any wrong corrected class is a success: the margin of the best wrong class over y.
+    hide = hide + jnp.minimum(common.margin(sur.logits, _decode(yt, num_classes)[0]), kappa)
   return hide
 
 
@@ -146,6 +153,7 @@ def _success(logits_fn, target, num_classes, yt, x, key):
   return ok
 
 
+@common.threat_model(base='base')
 def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
              base: str = 'pgd_linf(eps=8/255, steps=50)', targets: str = 'all',
              kappa: float = 1.0, objective: str = 'selective', target: AttackTarget | None = None,

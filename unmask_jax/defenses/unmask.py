@@ -22,7 +22,9 @@ Ties and the empty set (choices the paper leaves open, documented here):
 Surrogate (for adaptive attacks): K's hard rule "at least min_area pixels with p as arg-max at
 probability >= min_conf" becomes a soft presence sigmoid(m_p / T), m_p the k-th largest per-pixel
 margin (`part_extraction.soft_parts`), and J the soft Jaccard s.v / (|s| + |v| - s.v); the soft
-detection score is 1 - J(V[y_hat], s) and the corrected class's logits are J(V[c], s) / tau.
+detection score is 1 - J(V[y_hat], s). The corrected class's logits are, by default, a hinge on
+K's part margins (`part_agreement`: mean_p min(+-m_p, 1), + for class c's parts), which keeps a
+gradient for parts far from K's decision; `class_surrogate='jaccard'` uses J(V[c], s) / tau.
 """
 from __future__ import annotations
 
@@ -73,16 +75,40 @@ def rectify(extracted, predicted, parts_matrix):
   return jnp.where(keep_m, predicted, fallback).astype(jnp.int32)
 
 
-def make(*, chunk: int = 128, temperature: float = 1.0, tau: float = 0.05) -> base.Defense:
+CLASS_SURROGATES = ('parts', 'jaccard')
+
+
+def part_agreement(margins, parts_matrix, cap: float = 1.0):
+  """Per class c: mean_p min(s_cp m_p, cap), s_cp = +1 if part p belongs to class c else -1.
+
+  A hinge on K's part margins m_p [N, P] (> 0 = extracted): it is `cap` exactly when K extracts
+  class c's parts and no other part with margin >= cap, and its gradient does not vanish for
+  parts far from the decision (a sigmoid of the margin would), so an attack can steer K's parts
+  towards a target class's row. [N, P] x [C, P] -> [N, C].
+  """
+  sign = 2.0 * (jnp.asarray(parts_matrix, jnp.float32) > 0) - 1.0       # [C, P]
+  return jnp.mean(jnp.minimum(sign[None] * margins[:, None, :], cap), axis=-1)
+
+
+def make(*, chunk: int = 128, temperature: float = 1.0, tau: float | None = None,
+         class_surrogate: str = 'parts') -> base.Defense:
   """UnMask as a registry defense: nothing is learned beyond K's own extraction thresholds.
 
   Args:
     chunk: images per jitted call.
     temperature: of the surrogate's soft part presence sigmoid(m_p / temperature) (logit units).
-    tau: temperature of the surrogate's corrected-class logits J(V[c], s) / tau.
+    tau: temperature of the surrogate's corrected-class logits (None: 1.0 for 'parts', whose
+      logits are in K's logit units, 0.05 for 'jaccard', whose similarities are in [0, 1]).
+    class_surrogate: the surrogate's corrected-class logits: 'parts' = `part_agreement` / tau
+      (hinge on K's part margins; what an attacker steering K's parts needs) or 'jaccard' = soft
+      J(V[c], s) / tau.
   """
+  if tau is None:
+    tau = 1.0 if class_surrogate == 'parts' else 0.05
   if not temperature > 0 or not tau > 0:
     raise ValueError(f'temperature and tau must be > 0, got {temperature}, {tau}')
+  if class_surrogate not in CLASS_SURROGATES:
+    raise ValueError(f'class_surrogate must be one of {CLASS_SURROGATES}, got {class_surrogate!r}')
   name = 'unmask'
 
   def fit(ctx, data, key):
@@ -100,8 +126,11 @@ def make(*, chunk: int = 128, temperature: float = 1.0, tau: float = 0.05) -> ba
   def surrogate(state, ctx, x, key):
     del key
     predicted = jnp.argmax(ctx.logits_fn(x), axis=-1)
-    sims = soft_jaccard(part_extraction.soft_parts(ctx.parts_fn, x, temperature), state['parts_matrix'])
+    margins = part_extraction.margins_of(ctx.parts_fn, x)
+    sims = soft_jaccard(jax.nn.sigmoid(margins / temperature), state['parts_matrix'])
     score = 1.0 - jnp.take_along_axis(sims, predicted[:, None], axis=1)[:, 0]
+    if class_surrogate == 'parts':
+      return base.Surrogate(score, part_agreement(margins, state['parts_matrix']) / tau)
     return base.Surrogate(score, sims / tau)
 
   return base.Defense(name, fit, apply, surrogate, corrects=True, chunk=chunk)

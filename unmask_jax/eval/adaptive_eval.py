@@ -120,7 +120,7 @@ def evaluate_adaptive(cfg, det_states, ctx, x_test, y_test, adv, clean_dec, key,
       norm, eps = str(a['norm']), float(a['eps'])
       base = f'{_BASE[norm]}(eps={eps!r}, steps={steps}, restarts={int(cfg.restarts)})'
       spec = (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
-              f'objective={cfg.get("objective", "orthogonal")!r})')
+              f'objective={cfg.get("objective", "selective")!r})')
       t0 = time.perf_counter()
       # One compilation per (defense, norm, steps): eps is passed as a traced scalar.
       ck = (name, norm, steps)
@@ -198,7 +198,7 @@ def _budget_check(cfg, check, entry, ctx, x_test, y_test, adv, key) -> dict | No
   for restarts in (int(cfg.restarts), int(cfg.restarts) + 1):
     base = f'{_BASE[norm]}(eps={eps!r}, steps={int(cfg.steps)}, restarts={restarts})'
     spec = (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
-            f'objective={cfg.get("objective", "orthogonal")!r})')
+            f'objective={cfg.get("objective", "selective")!r})')
     x_adv = np.asarray(attacks.compile_attack(spec)(ctx.logits_fn, jnp.asarray(x), jnp.asarray(y, jnp.int32),
                                                      named_key(key, 'budget'), target=target))
     x_q = round_to_8bit(x_adv, x, norm, eps)

@@ -92,10 +92,9 @@ def part_extractor(segment_fn, min_area: float, min_conf: float) -> jax.tree_uti
   return jax.tree_util.Partial(PartRule(min_area, min_conf), segment_fn)
 
 
-def soft_parts(parts_fn, x, temperature: float = 1.0):
-  """Differentiable part presence in (0, 1) [N, P]: sigmoid(part_margins / temperature).
+def margins_of(parts_fn, x):
+  """`part_margins` of K at x [N, P]: > 0 exactly where `parts_fn` extracts the part.
 
-  > 0.5 exactly where `parts_fn` extracts the part (up to ties), so rounding it gives K's rule.
   `parts_fn` must be made by `part_extractor`.
   """
   rule = getattr(parts_fn, 'func', None)
@@ -103,7 +102,16 @@ def soft_parts(parts_fn, x, temperature: float = 1.0):
     raise ValueError('This parts_fn has no differentiable surrogate: build it with '
                      'models.part_extraction.part_extractor(segment_fn, min_area, min_conf).')
   (segment_fn,) = parts_fn.args
-  return jax.nn.sigmoid(part_margins(segment_fn(x), rule.min_area, rule.min_conf) / temperature)
+  return part_margins(segment_fn(x), rule.min_area, rule.min_conf)
+
+
+def soft_parts(parts_fn, x, temperature: float = 1.0):
+  """Differentiable part presence in (0, 1) [N, P]: sigmoid(part_margins / temperature).
+
+  > 0.5 exactly where `parts_fn` extracts the part (up to ties), so rounding it gives K's rule.
+  `parts_fn` must be made by `part_extractor`.
+  """
+  return jax.nn.sigmoid(margins_of(parts_fn, x) / temperature)
 
 
 def presence_prf(pred, true) -> dict:
