@@ -36,10 +36,11 @@ def get_config():
                          'mrr(n=2)', 'lid(k=10, batch=50)')
   c.evaluate.batch_size = 32
   # The adaptive stage compiles one attack per defense and norm: in the smoke run, one class set,
-  # one attack and three defenses (a detector, a corrector, a randomised one) keep it short.
+  # one attack and two defenses (a detector and a corrector) keep it short; Deep Protection's
+  # BPDA surrogate is checked (gradient, agreement) in tests/test_defense_protocol.py.
   c.evaluate.adaptive.update({'n_images': 12, 'steps': 4, 'attacks': ('PGD-Linf-8',),
                               'class_sets': ('cs3a',), 'defenses': ('unmask', 'kde'),
-                              'extra_defenses': ('deep_protection(iters=10, widths=(8, 16), chunk=8)',)})
+                              'extra_defenses': ()})
   c.evaluate.adaptive.small = {'deep_protection': {'n_images': 4, 'steps': 2, 'n_calibration': 12}}
   c.evaluate.adaptive.budget_check.n_images = 8
   return c
