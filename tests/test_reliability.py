@@ -295,5 +295,9 @@ def test_config_checks_accept_every_shipped_config():
   pipeline.validate_main_config(main.get_config())
   pipeline.validate_main_config(quick.get_config())
   e = evaluate.get_config()
-  e.adaptive = {'enabled': True, 'anything': 1}   # extra sub-configs are the evaluation's own
+  e.extra_study = {'enabled': True, 'anything': 1}   # extra sub-configs are the evaluation's own
   pipeline.validate_evaluate_config(e, need_inputs=False)
+  # The adaptive block is checked like the rest.
+  e.adaptive.targets = 'some'
+  with pytest.raises(errors.ConfigError, match='adaptive.targets'):
+    pipeline.validate_evaluate_config(e, need_inputs=False)
