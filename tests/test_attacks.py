@@ -514,6 +514,59 @@ def test_spec_parsing_and_registry_errors():
         jnp.zeros((1,), jnp.int32), KEY)
 
 
+def test_threat_model_is_declared_next_to_each_attack():
+  """The norm of every registered attack comes from its function's decorator (no table)."""
+  assert not hasattr(attacks, '_NORMS') and not hasattr(attacks, '_NORM_PARAM')
+  fixed = {'fgsm': 'linf', 'bim': 'linf', 'pgd_linf': 'linf', 'pgd_l2': 'l2', 'mifgsm_linf': 'linf',
+           'mifgsm_l2': 'l2', 'cw_l2': 'l2', 'deepfool': 'l2', 'apgd_linf': 'linf', 'apgd_l2': 'l2',
+           'apgd_t_linf': 'linf', 'apgd_t_l2': 'l2', 'square_linf': 'linf', 'square_l2': 'l2'}
+  declared = {name: attacks.ATTACKS.get(name).threat_model for name in attacks.ATTACKS.names()}
+  assert all(isinstance(d, common.ThreatModel) for d in declared.values())
+  assert {n: d.norm for n, d in declared.items() if d.norm} == fixed
+  assert {n: d.param or d.base for n, d in declared.items() if not d.norm} == {
+      'fab_t': 'norm', 'autoattack': 'norm', 'adaptive': 'base'}
+  assert all(attacks.norm_of(n) == norm for n, norm in fixed.items())
+  assert attacks.norm_of('fab_t') == 'linf' and attacks.norm_of('fab_t(eps=0.5, norm="l2")') == 'l2'
+  assert attacks.norm_of('adaptive(base="pgd_l2(eps=0.5)")') == 'l2'
+  assert attacks.norm_of('adaptive()') == 'linf'  # its default base
+  with pytest.raises(ValueError, match='base attack'):
+    attacks.norm_of('adaptive')
+
+
+def test_adding_an_attack_is_one_decorated_function_and_one_registry_line(monkeypatch):
+  @common.threat_model('linf')
+  def my_attack(logits_fn, x, y, key, *, eps, steps=3):
+    del logits_fn, key, y, steps
+    return common.clip_pixels(x + eps)
+
+  monkeypatch.setitem(attacks.ATTACKS._entries, 'my_attack', my_attack)
+  spec = attacks.parse_attack('my_attack(eps=0.1)')
+  assert spec.norm == 'linf' == attacks.norm_of('my_attack') and spec.fn is my_attack
+  with pytest.raises(ValueError, match='8/255'):  # eps checked in the declared norm
+    attacks.parse_attack('my_attack(eps=8)')
+
+  @common.threat_model(param='p')
+  def by_param(logits_fn, x, y, key, *, eps, p='l2'):
+    return x
+
+  monkeypatch.setitem(attacks.ATTACKS._entries, 'by_param', by_param)
+  assert attacks.norm_of('by_param') == 'l2'
+  assert attacks.norm_of('by_param(eps=0.1, p="linf")') == 'linf'
+  with pytest.raises(ValueError, match='p must be one of'):
+    attacks.parse_attack('by_param(eps=0.1, p="l1")')
+
+  def undeclared(logits_fn, x, y, key, *, eps):
+    return x
+
+  monkeypatch.setitem(attacks.ATTACKS._entries, 'undeclared', undeclared)
+  with pytest.raises(TypeError, match='declares no threat model'):
+    attacks.parse_attack('undeclared(eps=0.1)')
+  with pytest.raises(TypeError, match='exactly one'):
+    common.threat_model('linf', param='norm')
+  with pytest.raises(ValueError, match='norm must be one of'):
+    common.threat_model('l1')
+
+
 def test_validate_inputs():
   x = np.full((2,) + SHAPE, 0.5, np.float32)
   y = np.array([0, 2])

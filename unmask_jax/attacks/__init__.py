@@ -12,7 +12,11 @@ or batch of the same shapes does not retrace). Attacks are jitted once, at the c
   x_adv = attack(jax.tree_util.Partial(apply_fn, params), x, y, jax.random.key(0))
 
 which is `jax.jit(functools.partial(pgd_linf, eps=8/255, steps=20))`. Adding an attack = one
-function with that signature + one registry line (and its norm in `_NORMS`).
+function with that signature, whose threat model is declared next to it with a decorator, in one
+file, + one registry line in `ATTACKS` below:
+
+  @common.threat_model('l2')            # or param='norm' / base='base' (see common.threat_model)
+  def my_attack(logits_fn, x, y, key, *, eps, steps=10): ...
 """
 from __future__ import annotations
 
@@ -46,15 +50,6 @@ ATTACKS = Registry('attack', {
     'autoattack': 'unmask_jax.attacks.autoattack:autoattack',
 })
 
-# The threat model each attack's eps refers to (for reports and eps checks).
-_NORMS = {
-    'fgsm': 'linf', 'bim': 'linf', 'pgd_linf': 'linf', 'mifgsm_linf': 'linf', 'apgd_linf': 'linf',
-    'pgd_l2': 'l2', 'mifgsm_l2': 'l2', 'cw_l2': 'l2', 'deepfool': 'l2', 'apgd_l2': 'l2',
-    'apgd_t_linf': 'linf', 'square_linf': 'linf', 'apgd_t_l2': 'l2', 'square_l2': 'l2',
-}
-# Attacks whose threat model is their `norm` parameter (its default when not given).
-_NORM_PARAM = ('fab_t', 'autoattack')
-
 # Integer parameters that count iterations and must be >= 1.
 _COUNT_PARAMS = ('steps', 'restarts', 'binary_search_steps', 'candidates', 'n_targets', 'queries')
 
@@ -64,27 +59,35 @@ def norm_of(name_or_spec: str) -> str:
   return parse_attack(name_or_spec).norm if '(' in name_or_spec else _norm_of_name(name_or_spec)
 
 
+def _threat_model(name: str, fn: Callable) -> common.ThreatModel:
+  declared = getattr(fn, 'threat_model', None)
+  if not isinstance(declared, common.ThreatModel):
+    raise TypeError(f'Attack {name!r} ({fn.__module__}.{fn.__qualname__}) declares no threat '
+                    'model: decorate it with @common.threat_model("linf" or "l2"), or '
+                    '(param="norm") / (base="base") when its parameters decide')
+  return declared
+
+
 def _norm_of_name(name: str) -> str:
   fn = ATTACKS.get(name)  # raises the usual error, with the valid names, on a typo
-  if name in _NORM_PARAM:
-    return _spec_norm(name, fn, {})
-  if name not in _NORMS:
+  if _threat_model(name, fn).base is not None:
     raise ValueError(f'{name!r} takes the norm of its base attack: pass the whole spec')
-  return _NORMS[name]
+  return _spec_norm(name, fn, {})
 
 
 def _spec_norm(name: str, fn: Callable, params: dict) -> str:
-  """The norm of an attack: fixed by its name, its `norm` parameter, or its base attack's."""
-  if name in _NORMS:
-    return _NORMS[name]
-  if name in _NORM_PARAM:
-    norm = params.get('norm', inspect.signature(fn).parameters['norm'].default)
-    if norm not in common.NORMS:
-      raise ValueError(f'{name}: norm must be one of {", ".join(common.NORMS)}, got {norm!r}')
-    return norm
-  # A composite (adaptive): its base attack's norm, the default base if none is given.
-  base = params.get('base', inspect.signature(fn).parameters['base'].default)
-  return parse_attack(base).norm
+  """The norm of an attack, as its function declares it (`common.threat_model`): fixed, its
+  parameter's value (default when not given), or its base attack's (default base if none given)."""
+  declared = _threat_model(name, fn)
+  if declared.norm is not None:
+    return declared.norm
+  key = declared.param or declared.base
+  value = params.get(key, inspect.signature(fn).parameters[key].default)
+  if declared.base is not None:
+    return parse_attack(value).norm
+  if value not in common.NORMS:
+    raise ValueError(f'{name}: {key} must be one of {", ".join(common.NORMS)}, got {value!r}')
+  return value
 
 
 class AttackSpec(NamedTuple):
@@ -150,10 +153,9 @@ def parse_attack(spec: str | AttackSpec, **overrides: Any) -> AttackSpec:
   # The L2 bound needs the image size and is checked when the attack is traced.
   if params.get('base') is not None:
     parse_attack(params['base'])  # a composite's base attack is checked like any other
+  norm = _spec_norm(name, fn, params)  # a bad or undeclared norm fails here, before any data
   if params.get('eps') is not None:
-    common.check_eps(_spec_norm(name, fn, params), params['eps'])
-  elif name in _NORM_PARAM:
-    _spec_norm(name, fn, params)  # a bad norm fails here, before any data is loaded
+    common.check_eps(norm, params['eps'])
   for p in _COUNT_PARAMS:
     if p in params:
       common.check_steps(params[p], p)

@@ -153,6 +153,7 @@ def _success(logits_fn, target, num_classes, yt, x, key):
   return ok
 
 
+@common.threat_model(base='base')
 def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
              base: str = 'pgd_linf(eps=8/255, steps=50)', targets: str = 'all',
              kappa: float = 1.0, objective: str = 'selective', target: AttackTarget | None = None,

@@ -128,6 +128,7 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
   return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, False)
 
 
+@common.threat_model('linf')
 def apgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
               steps: int = 100, restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
               loss: str = 'ce') -> Array:
@@ -166,6 +167,7 @@ def apgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float
                rho=rho, momentum=momentum, loss=loss)
 
 
+@common.threat_model('l2')
 def apgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
             steps: int = 100, restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
             loss: str = 'ce') -> Array:
@@ -241,10 +243,11 @@ def _apgd_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho,
                        jnp.where(take, loss, best.loss))
 
   best = common.Best(x, done, jnp.full((n,), -jnp.inf, jnp.float32))
-  best = targeting.over_runs(body, best, k * restarts, steps, lambda b: jnp.all(b.success))
+  best = common.over_runs(body, best, k * restarts, steps, lambda b: jnp.all(b.success))
   return best.x
 
 
+@common.threat_model('linf')
 def apgd_t_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
                 steps: int = 100, n_targets: int = targeting.DEFAULT_TARGETS, restarts: int = 1,
                 rho: float = 0.75, momentum: float = 0.75) -> Array:
@@ -284,6 +287,7 @@ def apgd_t_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: flo
                  restarts=restarts, rho=rho, momentum=momentum)
 
 
+@common.threat_model('l2')
 def apgd_t_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
               steps: int = 100, n_targets: int = targeting.DEFAULT_TARGETS, restarts: int = 1,
               rho: float = 0.75, momentum: float = 0.75) -> Array:

@@ -19,6 +19,7 @@ VERSIONS = ('standard',)
 MEMBERS = ('apgd_ce', 'apgd_t', 'fab_t', 'square')
 
 
+@common.threat_model(param='norm')
 def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
                norm: str = 'linf', version: str = 'standard', steps: int = 100,
                n_targets: int = targeting.DEFAULT_TARGETS, queries: int = 5000) -> Array:

@@ -173,6 +173,39 @@ def random_start(norm: str, key: Array, x: Array, eps: float) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
+# Threat model: declared next to each attack function, read by `attacks.norm_of` and the checks.
+# ----------------------------------------------------------------------------------------------
+class ThreatModel(NamedTuple):
+  """Where an attack's norm comes from: exactly one field is set (see `threat_model`)."""
+  norm: str | None = None   # fixed: 'linf' or 'l2'
+  param: str | None = None  # the value of this keyword parameter (its default when not given)
+  base: str | None = None   # the norm of the attack spec in this parameter (composite attacks)
+
+
+def threat_model(norm: str | None = None, *, param: str | None = None,
+                 base: str | None = None) -> Callable[[Callable], Callable]:
+  """Decorator declaring the norm an attack's eps is measured in; the function is returned
+  unchanged, with a `threat_model` attribute (a `ThreatModel`) that `attacks.norm_of`,
+  `AttackSpec.norm` and the eps checks read. Every registered attack needs one.
+
+    @threat_model('linf')          # fixed norm
+    @threat_model(param='norm')    # the attack's `norm` parameter (e.g. fab_t, autoattack)
+    @threat_model(base='base')     # the norm of the attack spec in `base` (e.g. adaptive)
+  """
+  if sum(v is not None for v in (norm, param, base)) != 1:
+    raise TypeError('threat_model: give exactly one of a norm, param= or base=')
+  if norm is not None and norm not in NORMS:
+    raise ValueError(f'threat_model: norm must be one of {", ".join(NORMS)}, got {norm!r}')
+  declared = ThreatModel(norm, param, base)
+
+  def mark(fn: Callable) -> Callable:
+    fn.threat_model = declared
+    return fn
+
+  return mark
+
+
+# ----------------------------------------------------------------------------------------------
 # Parameter checks (trace-time / host-side; they raise clear errors instead of silently running
 # an attack that is 255 times too strong or does nothing).
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +328,22 @@ def validate_inputs(x: Any, y: Any, num_classes: int | None = None) -> None:
 # time linearly with the steps, so loops longer than MAX_UNROLL (CW's binary_search_steps * steps,
 # long APGD runs) are rolled `lax.scan`s. To trade run time for compile time, trace the attack
 # inside `with loop_form('fori'):`. Not measured on GPU/TPU.
+#
+# Why rolled loops are slow on XLA:CPU (found for the early exit, BENCHMARKS.md "Early exit"): the
+# CPU compiler rewrites convolutions into its canonical NHWC/HWIO form only in the entry
+# computation. The input gradient of a convolution uses the kernel with its I/O axes swapped;
+# at the top level that becomes a transposed copy of the kernel and a fast library convolution,
+# inside a while/cond body it stays an Eigen convolution on the swapped kernel, ~10x slower
+# (SynthParts CNN: a PGD step 34 ms unrolled, 156-233 ms in a while loop). Writing the model's
+# convolutions with a custom VJP whose input gradient is a canonical HWIO convolution (explicitly
+# flipped, I/O-swapped kernel) made a while loop as fast as unrolled code in a 3-conv test
+# network, with bitwise equal gradients; that is a change to the models, not made here.
+#
+# Early exit (`iterate_until`, `over_runs`): loops whose steps become no-ops once every example is
+# done (DeepFool, CW with abort_early, Square, the target runs) run their first EXIT_PREFIX steps
+# unrolled, then a while loop of EXIT_CHUNK steps per iteration that stops once done. Exits
+# within the prefix (DeepFool typically: a few steps) run at unrolled speed; later steps run at
+# the rolled speed above; compile time is that of prefix + chunk steps at any step count.
 LOOP_FORMS = ('unrolled', 'scan_unrolled', 'scan', 'fori')
 LOOP_FORM = 'unrolled'
 MAX_UNROLL = 100  # APGD's default 100 steps still unroll; CW's 9 x 100 do not.
@@ -303,6 +352,14 @@ _loop_form_override: list[str] = []
 # How many copies of the loop being traced end up in the program (restarts), so that the
 # MAX_UNROLL limit applies to the program's total number of unrolled steps.
 _copies: list[int] = [1]
+# Early exit: steps unrolled before the first check of "every example done" (DeepFool-50, 128
+# images, fooled after 5 steps: 1.2 s with 10, 1.6 s with 5, 4.4 s with 0, 5.8 s for the 50 steps
+# unrolled), then steps per while-loop iteration between two checks (1: larger chunks ran no
+# faster per step on XLA:CPU and exit later).
+EXIT_PREFIX = 10
+EXIT_CHUNK = 1
+_early_exit: list[bool] = [True]
+_exit_shape: list[tuple[int, int]] = []  # (prefix, chunk) set by `early_exit`
 
 
 @contextlib.contextmanager
@@ -368,30 +425,138 @@ def iterate(body: Callable[[Any, Any], Any], carry: Any, steps: int) -> Any:
 
 
 def iterate_until(body: Callable[[Any, Any], Any], carry: Any, steps: int,
-                  done: Callable[[Any], Array]) -> Any:
-  """`iterate`, where rolled forms leave the loop once `done(carry)` (a scalar bool) holds.
+                  done: Callable[[Any], Array], *, prefix: int | None = None,
+                  chunk: int | None = None) -> Any:
+  """`iterate`, leaving the loop once `done(carry)` (a scalar bool) holds: the early exit.
 
-  For loops whose iterations become no-ops once done (e.g. DeepFool when every example is frozen at
-  its first success), so the result equals `iterate`'s. Rolled forms become one `lax.while_loop`
-  and run only the iterations needed. The unrolled form runs every step: on XLA:CPU a `lax.cond`
-  around each unrolled step measured slower than running all of them (DeepFool-20, trained
-  SynthParts CNN, batch 128, all fooled by step 5: 1.47 s with conds vs 1.24 s without; the
-  while_loop 1.93 s vs 8.66 s for a fixed-count scan; 2026-11-23), because nested computations run
-  several times slower per step there than straight-line code.
+  For loops whose iterations become no-ops once done (DeepFool when every example is frozen at its
+  first success, CW when every example has stopped its round, Square when every example is
+  fooled): the result is then the full loop's whether or not it stops early (the tests compare
+  with the same attack traced inside `with early_exit(False):`).
+
+  How it is compiled (this and `current_loop_form` are the one place that decides):
+    * default: `loop_until` with the first `prefix` steps (EXIT_PREFIX) unrolled at the level of
+      the caller, then one `lax.while_loop` of `chunk` steps (EXIT_CHUNK) per iteration that
+      checks `done` between chunks, both capped at MAX_UNROLL per copy of the loop. Compile time is
+      that of prefix + chunk steps at any step count. The prefix exists because XLA:CPU runs the
+      input gradient of a convolution several times slower inside a while loop than outside
+      (BENCHMARKS.md, "Early exit"): attacks that are done within the prefix never pay that.
+      Pass prefix=0, chunk=1 for steps that compile slowly and run cheaply (Square's queries).
+    * inside `loop_form('unrolled')`: every step unrolled, no exit (a `lax.cond` around each
+      unrolled step measured slower than running all of them on XLA:CPU);
+    * inside another forced `loop_form` (rolled): prefix 0, one step per while-loop iteration;
+    * inside `early_exit(False)`: the same loop, never left early (tests and benchmarks: the
+      full-length loop whose result the early exit must reproduce).
   """
-  form = current_loop_form(steps)
-  if form == 'unrolled':
-    return iterate(body, carry, steps)
+  if _loop_form_override:
+    if _loop_form_override[-1] == 'unrolled':
+      return iterate(body, carry, steps)
+    prefix, chunk = 0, 1
+  else:
+    shape = _exit_shape[-1] if _exit_shape else (EXIT_PREFIX, EXIT_CHUNK)
+    prefix = shape[0] if prefix is None else prefix
+    chunk = shape[1] if chunk is None else chunk
+    budget = max(1, MAX_UNROLL // _copies[-1])
+    prefix, chunk = min(prefix, budget), min(chunk, budget)
+  if not _early_exit[-1]:
+    done = _never
+  return loop_until(body, carry, steps, done, prefix=prefix, chunk=chunk)
+
+
+def _never(carry: Any) -> Array:
+  del carry
+  return jnp.asarray(False)
+
+
+def loop_until(body: Callable[[Any, Any], Any], carry: Any, n: int,
+               done: Callable[[Any], Array], *, prefix: int = 0, chunk: int = 1) -> Any:
+  """`carry = body(i, carry)` for i = 0 .. n - 1, stopping early once `done(carry)` holds.
+
+  The mechanism behind `iterate_until`, also used as is for loops that are not attack steps (CW's
+  binary-search rounds, the target runs of APGD-T and FAB-T). The first `prefix` calls are
+  unrolled (i a Python int), unchecked; then one `lax.while_loop` runs chunks of `chunk` calls
+  unrolled (i traced), checking `done` before each chunk; the (n - prefix) % chunk last calls
+  follow, unrolled, under one `lax.cond` that skips them if done. The result equals the full
+  loop's whenever calls are no-ops once `done` holds; at most chunk - 1 no-op calls run after it.
+  """
+  check_steps(n, 'n')
+  prefix = max(0, min(int(prefix), n))
+  for i in range(prefix):
+    carry = body(i, carry)
+  if prefix == n:
+    return carry
+  chunk = max(1, min(int(chunk), n - prefix))
+  full, rest = divmod(n - prefix, chunk)
 
   def cond_fn(state):
-    i, c = state
-    return (i < steps) & ~done(c)
+    j, c = state
+    return (j < full) & ~done(c)
 
   def body_fn(state):
-    i, c = state
-    return i + 1, body(i, c)
+    j, c = state
+    for k in range(chunk):
+      c = body(prefix + j * chunk + k, c)
+    return j + 1, c
 
-  return jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), carry))[1]
+  carry = jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), carry))[1]
+  if rest:
+    def tail(c):
+      for k in range(rest):
+        c = body(prefix + full * chunk + k, c)
+      return c
+    carry = jax.lax.cond(done(carry), lambda c: c, tail, carry)
+  return carry
+
+
+def over_runs(body: Callable[[Any, Any], Any], carry: Any, runs: int, steps_per_run: int,
+              done: Callable[[Any], Array]) -> Any:
+  """`carry = body(j, carry)` for the runs j = 0 .. runs - 1, each a loop of steps_per_run steps
+  (the target runs of APGD-T and FAB-T, CW's binary-search rounds).
+
+  Unrolled (a Python loop, j an int) when the whole program, runs * steps_per_run steps, is short
+  enough to unroll (`current_loop_form`); else `loop_until` one run per iteration, which stops once
+  `done(carry)` holds, so an attack whose remaining runs are no-ops skips them. The runs are marked
+  as repeated (`_repeated`), so that the loops inside them are rolled, or their early-exit prefix
+  and chunk shortened, when the total is too long to unroll, as for restarts.
+  """
+  form = current_loop_form(runs * steps_per_run)
+  with _repeated(runs):
+    if form == 'unrolled':
+      for j in range(runs):
+        carry = body(j, carry)
+      return carry
+    return loop_until(body, carry, runs, done if _early_exit[-1] else _never)
+
+
+@contextlib.contextmanager
+def early_exit(enabled: bool | None = None, *, prefix: int | None = None,
+               chunk: int | None = None) -> Iterator[None]:
+  """Turns the early exit of `iterate_until` and `over_runs` off (or on), or sets the prefix and
+  chunk of `iterate_until`, for attacks traced inside (as with `loop_form`, jit a fresh function
+  inside the context). None keeps the setting of the enclosing context.
+
+  `early_exit(False)` runs the same loops to their full length: the reference that the early
+  exit must reproduce (tests, benchmarks).
+
+  Example:
+    >>> with early_exit(False):
+    ...   x_full = jax.jit(functools.partial(deepfool, steps=50))(logits_fn, x, y, key)
+  """
+  shape = _exit_shape[-1] if _exit_shape else (EXIT_PREFIX, EXIT_CHUNK)
+  if prefix is not None:
+    if isinstance(prefix, bool) or not isinstance(prefix, (int, np.integer)) or prefix < 0:
+      raise ValueError(f'prefix must be an integer >= 0, got {prefix!r}')
+    shape = (int(prefix), shape[1])
+  if chunk is not None:
+    check_steps(chunk, 'chunk')
+    shape = (shape[0], int(chunk))
+  _early_exit.append(_early_exit[-1] if enabled is None else bool(enabled))
+  _exit_shape.append(shape)
+  try:
+    yield
+  finally:
+    _early_exit.pop()
+    _exit_shape.pop()
 
 
 # ----------------------------------------------------------------------------------------------

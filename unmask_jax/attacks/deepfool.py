@@ -12,6 +12,7 @@ from unmask_jax.attacks.common import Array, LogitsFn
 _STEP_SLACK = 1e-4
 
 
+@common.threat_model('l2')
 def deepfool(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float | None = None,
              steps: int = 50, overshoot: float = 0.02, candidates: int = 10) -> Array:
   """DeepFool L2 (Moosavi-Dezfooli et al., "DeepFool: a simple and accurate method to fool deep
@@ -21,7 +22,9 @@ def deepfool(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float 
   classes k ≠ y, step to the nearest linearised boundary
       l = argmin_k |f_k| / ||w_k||_2,   r_i = (|f_l| / ||w_l||_2 + 1e-4) * w_l / ||w_l||_2,
   accumulate r = Σ r_i and set x_{i+1} = clip_[0,1](x + (1 + overshoot) * r); stop (per example)
-  as soon as the prediction differs from y, or after `steps` iterations.
+  as soon as the prediction differs from y, or after `steps` iterations. The loop ends once every
+  example has stopped (an iteration later: the one that sees the last success), so a large
+  `steps` costs nothing when the batch is fooled early.
 
   The label moved away from is the given y (the true label), so that success means the same as
   for the other attacks; an example already misclassified is returned unchanged.
@@ -83,8 +86,9 @@ def deepfool(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float 
     return r_tot + jnp.where(active[:, None, None, None], r_i, 0.0), active
 
   active0 = jnp.ones(y.shape, bool)
-  # Once every example is frozen the remaining iterations change nothing: rolled loop forms leave
-  # the loop then, as the reference implementation does (see iterate_until for the unrolled one).
+  # Once every example is frozen the remaining iterations change nothing, so the loop stops then,
+  # as the reference implementation does, with the result of running every step
+  # (`common.iterate_until`: the first steps unrolled, the rest a while loop checked per step).
   r_tot, _ = common.iterate_until(body, (jnp.zeros_like(x), active0), steps,
                                   lambda carry: ~jnp.any(carry[1]))
   x_adv = common.clip_pixels(x + (1.0 + overshoot) * r_tot)

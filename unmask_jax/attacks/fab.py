@@ -137,10 +137,11 @@ def _fab_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, alpha_max, eta,
     take = ok & ~success   # the first target that succeeds is final
     return jnp.where(take[:, None, None, None], cand, x_out), success | ok
 
-  x_out, _ = targeting.over_runs(body, (x, done), k, steps, lambda c: jnp.all(c[1]))
+  x_out, _ = common.over_runs(body, (x, done), k, steps, lambda c: jnp.all(c[1]))
   return x_out
 
 
+@common.threat_model(param='norm')
 def fab_t(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
           norm: str = 'linf', steps: int = 100, n_targets: int = targeting.DEFAULT_TARGETS,
           alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> Array:

@@ -28,6 +28,7 @@ def _mifgsm(logits_fn, x, y, *, norm, eps, steps, step_size, decay, targeted, lo
   return x_adv
 
 
+@common.threat_model('linf')
 def mifgsm_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
                 steps: int = 20, step_size: float | None = None, decay: float = 1.0,
                 targeted: bool = False, loss: str = 'ce') -> Array:
@@ -62,6 +63,7 @@ def mifgsm_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: flo
                  decay=decay, targeted=targeted, loss=loss)
 
 
+@common.threat_model('l2')
 def mifgsm_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
               steps: int = 20, step_size: float | None = None, decay: float = 1.0,
               targeted: bool = False, loss: str = 'ce') -> Array:

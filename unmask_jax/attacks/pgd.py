@@ -14,6 +14,7 @@ from unmask_jax.attacks import common
 from unmask_jax.attacks.common import Array, LogitsFn
 
 
+@common.threat_model('linf')
 def fgsm(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
          targeted: bool = False, loss: str = 'ce') -> Array:
   """Fast Gradient Sign Method (Goodfellow, Shlens & Szegedy, ICLR 2015), L∞.
@@ -71,6 +72,7 @@ def _pgd(logits_fn, x, y, key, *, norm, eps, steps, step_size, random_start, res
   return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, targeted)
 
 
+@common.threat_model('linf')
 def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, steps: int = 10,
         step_size: float | None = None, targeted: bool = False, loss: str = 'ce') -> Array:
   """Basic Iterative Method (Kurakin, Goodfellow & Bengio, ICLR 2017 workshop), L∞.
@@ -97,6 +99,7 @@ def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, step
               random_start=False, restarts=1, targeted=targeted, loss=loss)
 
 
+@common.threat_model('linf')
 def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
              steps: int = 20, step_size: float | None = None, random_start: bool = True,
              restarts: int = 1, targeted: bool = False, loss: str = 'ce',
@@ -136,6 +139,7 @@ def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
               objective=objective, success=success)
 
 
+@common.threat_model('l2')
 def pgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
            steps: int = 20, step_size: float | None = None, random_start: bool = True,
            restarts: int = 1, targeted: bool = False, loss: str = 'ce',

@@ -200,15 +200,15 @@ def _square(logits_fn, x, y, key, *, norm, eps, queries, p_init, done=None):
     return (jnp.where(take[:, None, None, None], x_new, x_best), jnp.where(take, m_new, m_best),
             fooled | (take & fooled_new))
 
-  # Rolled even for short budgets, unless a loop form is forced (`common.loop_form`):
-  # current_loop_form of an over-long loop is exactly that. Unrolling pays on XLA:CPU for
-  # gradient steps; a query has no gradient, and unrolled queries compile slowly (50 queries of
-  # a 2-layer MLP on 8x8x3 images, XLA:CPU: 19.8 s to compile unrolled, 1.1 s rolled).
-  with common.loop_form(common.current_loop_form(common.MAX_UNROLL + queries)):
-    carry = common.iterate_until(body, carry, queries, lambda c: jnp.all(c[2]))
+  # Rolled even for short budgets (no unrolled prefix, one query per iteration), unless a loop
+  # form is forced (`common.loop_form`). Unrolling pays on XLA:CPU for gradient steps; a query has
+  # no gradient, and unrolled queries compile slowly (50 queries of a 2-layer MLP on 8x8x3 images,
+  # XLA:CPU: 19.8 s to compile unrolled, 1.1 s rolled).
+  carry = common.iterate_until(body, carry, queries, lambda c: jnp.all(c[2]), prefix=0, chunk=1)
   return carry[0]
 
 
+@common.threat_model('linf')
 def square_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
                 queries: int = 5000, p_init: float = 0.8) -> Array:
   """Square Attack, L∞ (Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a
@@ -245,6 +245,7 @@ def square_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: flo
   return _square(logits_fn, x, y, key, norm='linf', eps=eps, queries=queries, p_init=p_init)
 
 
+@common.threat_model('l2')
 def square_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
               queries: int = 5000, p_init: float = 0.8) -> Array:
   """Square Attack, L2 (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020).

@@ -1,9 +1,10 @@
-"""Shared by the targeted AutoAttack members (APGD-T, FAB-T): target classes and the run loop.
+"""Shared by the targeted AutoAttack members (APGD-T, FAB-T): the target classes.
 
 Both attacks run once per target class (Croce & Hein 2020 target the k classes with the highest
 clean logits after the true one, k = 9 in AutoAttack's standard version) and keep, per example,
 the first run that succeeds: later runs cannot change an example that is already fooled, so the
-loop may stop as soon as every example is, and the result is the same whether it stops or not.
+loop over the runs (`common.over_runs`) may stop as soon as every example is, and the result is
+the same whether it stops or not.
 """
 from __future__ import annotations
 
@@ -41,31 +42,3 @@ def check_targets(n_targets: Any, num_classes: int) -> int:
   if num_classes < 2:
     raise ValueError(f'a targeted attack needs at least 2 classes, the model has {num_classes}')
   return min(int(n_targets), num_classes - 1)
-
-
-def over_runs(body: Callable[[Any, Any], Any], carry: Any, runs: int, steps_per_run: int,
-              done: Callable[[Any], Array]) -> Any:
-  """`carry = body(j, carry)` for the runs j = 0 .. runs - 1, each a loop of steps_per_run steps.
-
-  Unrolled (a Python loop) when the whole program, runs * steps_per_run steps, is short enough to
-  unroll (`common.current_loop_form`); else one `lax.while_loop` over the runs that stops once
-  `done(carry)` (every example fooled), so an attack whose runs become no-ops skips them. The runs
-  are marked as repeated (`common._repeated`), so the loops inside them are rolled when the total
-  is too long to unroll, as for restarts. `j` is a Python int when unrolled, traced otherwise.
-  """
-  form = common.current_loop_form(runs * steps_per_run)
-  with common._repeated(runs):
-    if form == 'unrolled':
-      for j in range(runs):
-        carry = body(j, carry)
-      return carry
-
-    def cond_fn(state):
-      j, c = state
-      return (j < runs) & ~done(c)
-
-    def body_fn(state):
-      j, c = state
-      return j + 1, body(j, c)
-
-    return jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), carry))[1]
