@@ -409,8 +409,21 @@ def markdown(rows, meta, names) -> str:
       '', '## Results', '']
   lines += main_table(rows)
   lines += [''] + _goal_section(rows) + _findings(rows) + _levers_section(rows)
-  lines += [NOTES, LOOP_FORM, DIP_DESIGN]
+  lines += [NOTES, LOOP_FORM, DIP_DESIGN, EARLY_EXIT]
+  lines += autoattack_section()
   return '\n'.join(lines) + '\n'
+
+
+AUTOATTACK_RESULTS = os.path.join(os.path.dirname(__file__), 'autoattack_results.md')
+
+
+def autoattack_section() -> list[str]:
+  """The AutoAttack-vs-torchattacks record (`benchmarks/bench_autoattack.py` writes it; a
+  separate, slower study that `run.py` does not re-run), included verbatim when present."""
+  if not os.path.exists(AUTOATTACK_RESULTS):
+    return []
+  with open(AUTOATTACK_RESULTS) as f:
+    return ['', f.read().rstrip('\n')]
 
 
 NOTES = """## Method notes
@@ -469,4 +482,66 @@ widths 32/64/64, input depth 8:
   XLA convolutions inside the scan were slow even for one image (38 ms per image-iteration). The
   im2col form (k^2 shifted slices times one matrix; vmapped, a batched matmul) took 4.3 ms per
   image-iteration with 16 images at once against 4.8 ms one by one.
+"""
+
+
+EARLY_EXIT = """## Early exit of DeepFool and CW-L2 (`benchmarks/bench_early_exit.py`, measured 2026-12-03)
+
+A separate study (not re-run by `run.py`; re-run it with `python3 benchmarks/bench_early_exit.py`,
+about an hour on 2 cores). The SynthParts CNN of row 2 (`victims.cnn_small`, random init: there
+were no trained weights in runs/main), 128 SynthParts images, labels = its predictions. "Before" is
+the library at 3b23e86, loaded beside the current one in the same process; contenders interleaved,
+3 rounds, medians; compile = `jit(...).lower().compile()`. Other jobs shared the 2 cores (load
+average 6.5 during DeepFool and CW 5 x 100, 1.4-3.7 during CW 9 x 100): compare CPU times.
+foolbox is not importable here (not a dependency), so there are no foolbox timings; the peers are
+the PyTorch eager references of `benchmarks/torch_attacks.py` on the same weights (DeepFool stops
+when every image is fooled, as foolbox does; CW never aborts).
+
+| Attack | Contender | Compile (s) | Wall (s) | CPU (s) | Success | Median L2 | Output vs before |
+|---|---|---|---|---|---|---|---|
+| DeepFool-50 | before: 50 steps unrolled | 5.7 | 6.39 | 3.95 | 100.0% | 0.1691 | - |
+| DeepFool-50 | after: early exit (10 steps unrolled, then a while loop) | 3.6 | 1.22 | 0.82 | 100.0% | 0.1691 | bitwise equal |
+| DeepFool-50 | PyTorch eager, 1 thread (stopped after 5 iterations) | - | 0.72 | 0.48 | 100.0% | 0.1707 | - |
+| DeepFool-50 | PyTorch eager, 2 threads (round 1 only) | - | 2.44 | 1.53 | 100.0% | 0.1707 | - |
+| CW-L2 5 x 100 | before: one rolled scan of 500 steps | 1.9 | 134.9 | 79.5 | 96.9% | 0.2043 | - |
+| CW-L2 5 x 100 | after (default): rolled rounds of 100 steps | 1.8 | 117.5 | 78.7 | 96.9% | 0.2043 | bitwise equal |
+| CW-L2 5 x 100 | after, abort_early=True | 5.9 | 31.4 | 19.8 | 96.9% | 0.2135 | a different attack |
+| CW-L2 5 x 100 | PyTorch eager, 1 thread | - | 31.6 | 21.3 | 96.9% | 0.2148 | - |
+| CW-L2 5 x 100 | PyTorch eager, 2 threads (round 1 only) | - | 200.0 | 184.0 | 96.9% | 0.2148 | - |
+| CW-L2 9 x 100 (default) | before | 1.3 | 76.5 | 144.3 | 100.0% | 0.2020 | - |
+| CW-L2 9 x 100 (default) | after (default) | 1.1 | 75.6 | 141.5 | 100.0% | 0.2020 | bitwise equal |
+| CW-L2 9 x 100 (default) | after, abort_early=True | 3.9 | 40.9 | 78.1 | 100.0% | 0.2036 | a different attack |
+| CW-L2 9 x 100 (default) | PyTorch eager, 1 thread | - | 34.8 | 34.8 | 100.0% | 0.2118 | - |
+| CW-L2 9 x 100 (default) | PyTorch eager, 2 threads (round 1 only) | - | 250.6 | 256.9 | 100.0% | 0.2118 | - |
+
+Compile time only (goal: at most 30 s at any step count): DeepFool-1000 1.5 s; CW-L2 9 x 1000 with
+abort_early 2.3 s; APGD-CE L∞ 100 steps 25.9 s and AutoAttack L∞ standard 29.5 s (their APGD-CE
+run is the longest loop still unrolled, MAX_UNROLL = 100 steps; longer loops are rolled).
+
+- DeepFool: 4.8x less CPU time, same output bit for bit. Every image was fooled within the 10
+  unrolled steps (EXIT_PREFIX), so the while loop behind them never ran; compile time no longer
+  grows with `steps`. It is still ~1.7x PyTorch on 1 thread, which needs 5 iterations where ours
+  runs 10 unrolled ones: on XLA:CPU a step inside the while loop costs ~5x an unrolled one (below),
+  and a shorter prefix measured slower (prefix 5: 1.6 s, 0: 4.4 s, against 1.2 s for 10 and 5.8 s
+  for the 50 steps unrolled, one run under similar load).
+- CW, default: unchanged, and no faster. No exact early exit exists within a round (any later
+  step may still record a closer adversarial); the one exact round skip (every example's c at a
+  fixed point of the binary search, so that the next round would replay the last) is implemented
+  but needs dozens of rounds in float32. `abort_early=True` is Carlini's and foolbox's rule, per
+  example (every steps / 10 steps, an example whose loss is not below 0.9999 times its loss at the
+  previous check stops its round; the round ends when all have stopped): 4.0x less CPU time at
+  5 x 100 for a 4.5% larger median L2, 1.8x at 9 x 100 for 0.8%, same success. It is off by
+  default: a different attack (with 2 x 20 steps the median L2 doubled on this CNN), and the CW
+  row of the main table compares with a reference that does not abort.
+- Why steps in rolled loops are slow on XLA:CPU (this also explains the loop-form study above): its
+  compiler rewrites convolutions into the canonical NHWC/HWIO form only in the entry computation.
+  A convolution's input gradient uses the kernel with its I/O axes swapped; at the top level XLA
+  makes a transposed copy and calls a library convolution, inside a while or cond body it keeps an
+  Eigen convolution on the swapped kernel, ~10x slower in a profile (a PGD step of this CNN: 34 ms
+  unrolled, 156-233 ms in a while loop). Hence CW, whose rounds are rolled, runs 2.2x slower than
+  PyTorch on one thread at 9 x 100. A convolution with a custom VJP whose input gradient is written
+  as a canonical HWIO convolution (kernel flipped and I/O-swapped explicitly) ran as fast in a
+  while loop as unrolled (3-conv test network, batch 128: 40 ms vs 41 ms per step, 227 ms with
+  the plain convolution; bitwise equal results); it belongs in the models (flax `nnx.Conv` takes
+  the convolution function as an argument) and would let every long loop be rolled at no cost.
 """
