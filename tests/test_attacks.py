@@ -13,10 +13,12 @@ import pytest
 from unmask_jax import attacks
 from unmask_jax.attacks import common
 from unmask_jax.attacks.apgd import apgd_l2, apgd_linf, checkpoint_schedule
+from unmask_jax.attacks.bim import bim
 from unmask_jax.attacks.cw import cw_l2
 from unmask_jax.attacks.deepfool import deepfool
+from unmask_jax.attacks.fgsm import fgsm
 from unmask_jax.attacks.mifgsm import mifgsm_l2, mifgsm_linf
-from unmask_jax.attacks.pgd import bim, fgsm, pgd_l2, pgd_linf
+from unmask_jax.attacks.pgd import pgd_l2, pgd_linf
 
 Partial = jax.tree_util.Partial
 SHAPE = (4, 4, 1)  # tiny images: d = 16

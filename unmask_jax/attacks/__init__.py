@@ -31,8 +31,8 @@ from unmask_jax.attacks.common import validate_inputs
 from unmask_jax.registry import Registry, check_kwargs, parse_spec
 
 ATTACKS = Registry('attack', {
-    'fgsm': 'unmask_jax.attacks.pgd:fgsm',
-    'bim': 'unmask_jax.attacks.pgd:bim',
+    'fgsm': 'unmask_jax.attacks.fgsm:fgsm',
+    'bim': 'unmask_jax.attacks.bim:bim',
     'pgd_linf': 'unmask_jax.attacks.pgd:pgd_linf',
     'pgd_l2': 'unmask_jax.attacks.pgd:pgd_l2',
     'mifgsm_linf': 'unmask_jax.attacks.mifgsm:mifgsm_linf',

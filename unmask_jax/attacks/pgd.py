@@ -1,7 +1,8 @@
-"""Sign/steepest-ascent attacks: FGSM, BIM and PGD (L∞ and L2).
+"""Projected Gradient Descent (Madry et al. 2018), L∞ and L2, and the projected steepest-ascent
+loop it shares with BIM (`attacks/bim.py`).
 
-All are pure, batched and jit-able; bind the hyper-parameters with `functools.partial` and jit once
-at the call site:
+Pure, batched and jit-able; bind the hyper-parameters with `functools.partial` and jit once at the
+call site:
 
   attack = jax.jit(functools.partial(pgd_linf, eps=8/255, steps=20))
   x_adv = attack(logits_fn, x, y, key)   # logits_fn: a jax.tree_util.Partial over the weights
@@ -14,39 +15,14 @@ from unmask_jax.attacks import common
 from unmask_jax.attacks.common import Array, LogitsFn
 
 
-@common.threat_model('linf')
-def fgsm(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
-         targeted: bool = False, loss: str = 'ce') -> Array:
-  """Fast Gradient Sign Method (Goodfellow, Shlens & Szegedy, ICLR 2015), L∞.
+def projected_ascent(logits_fn, x, y, key, *, norm, eps, steps, step_size, random_start,
+                     restarts, targeted, loss, objective=None, success=None):
+  """The projected steepest-ascent loop behind BIM (`bim.bim`) and PGD (`pgd_linf`, `pgd_l2`).
 
-  x' = clip_[0,1](x + eps * sign(∇_x L(f(x), y)))        (untargeted)
-  x' = clip_[0,1](x - eps * sign(∇_x L(f(x), t)))        (targeted, y = t)
-
-  Args:
-    logits_fn: x -> logits [N, K].
-    x: clean images [N, H, W, C] in [0, 1].
-    y: true labels [N] (targets if `targeted`).
-    key: unused (FGSM is deterministic); kept for the common signature.
-    eps: L∞ radius in [0, 1] pixel units (e.g. 8/255).
-    targeted: move towards class y instead of away from it.
-    loss: 'ce' (cross-entropy, the paper's) or 'margin'.
-
-  Returns:
-    x_adv [N, H, W, C] in [0, 1] with ||x_adv - x||_∞ <= eps.
-
-  Example:
-    >>> x_adv = jax.jit(functools.partial(fgsm, eps=8/255))(logits_fn, x, y, key)
-  """
-  del key
-  common.check_batch(x, y)
-  common.check_eps('linf', eps, x.shape[1:])
-  _, g, _ = common.loss_and_grad(logits_fn, common.get_loss(loss), x, y, targeted)
-  return common.project_linf(x + eps * common.steepest_step('linf', g), x, eps)
-
-
-def _pgd(logits_fn, x, y, key, *, norm, eps, steps, step_size, random_start, restarts, targeted,
-         loss, objective=None, success=None):
-  """The shared projected steepest-ascent loop behind BIM and PGD.
+  x_{t+1} = Π_{B_norm(x, eps) ∩ [0,1]}(x_t + alpha * steepest_step_norm(∇_x L)), from x
+  (`random_start=False`: BIM) or a uniform point of the ball (PGD), keeping each example's best of
+  `restarts` runs. Parameters are those of `pgd_linf`, with `norm` ('linf' or 'l2') and every
+  default made explicit, so each attack states what it fixes.
 
   With an `objective` (x_adv, y, key) -> [N] the steps ascend it instead of the loss; with a
   `success` predicate too, every iterate is checked and each example keeps its best one
@@ -73,33 +49,6 @@ def _pgd(logits_fn, x, y, key, *, norm, eps, steps, step_size, random_start, res
 
 
 @common.threat_model('linf')
-def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, steps: int = 10,
-        step_size: float | None = None, targeted: bool = False, loss: str = 'ce') -> Array:
-  """Basic Iterative Method (Kurakin, Goodfellow & Bengio, ICLR 2017 workshop), L∞.
-
-  x_0 = x;  x_{t+1} = Clip_{x,eps}( clip_[0,1]( x_t + alpha * sign(∇_x L(f(x_t), y)) ) ),
-  i.e. iterated FGSM from the clean image, clipped to the eps-ball after every step (no random
-  start; that is PGD).
-
-  Args:
-    logits_fn, x, y: as in `fgsm`. key: unused (no random start); may be None.
-    eps: L∞ radius in [0, 1] units.
-    steps: number of iterations.
-    step_size: alpha; default 2.5 * eps / steps (Kurakin used 1/255 with min(eps*255+4,
-      1.25*eps*255) steps; the UnMask code used an unscaled 2.0, which saturates every step).
-    targeted, loss: as in `fgsm`.
-
-  Returns:
-    x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
-
-  Example:
-    >>> x_adv = jax.jit(functools.partial(bim, eps=0.03, steps=10))(logits_fn, x, y, key)
-  """
-  return _pgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, step_size=step_size,
-              random_start=False, restarts=1, targeted=targeted, loss=loss)
-
-
-@common.threat_model('linf')
 def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
              steps: int = 20, step_size: float | None = None, random_start: bool = True,
              restarts: int = 1, targeted: bool = False, loss: str = 'ce',
@@ -111,7 +60,7 @@ def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
   classified as the target if `targeted`), else the one with the highest loss.
 
   Args:
-    logits_fn, x, y: as in `fgsm`.
+    logits_fn, x, y: as in `fgsm` (attacks/fgsm.py).
     key: random start; restart r uses jax.random.fold_in(key, r).
     eps: L∞ radius in [0, 1] units (e.g. 8/255).
     steps: iterations per restart.
@@ -134,9 +83,9 @@ def pgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
     >>> attack = jax.jit(functools.partial(pgd_linf, eps=8/255, steps=20))
     >>> x_adv = attack(jax.tree_util.Partial(apply_fn, params), x, y, jax.random.key(0))
   """
-  return _pgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, step_size=step_size,
-              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss,
-              objective=objective, success=success)
+  return projected_ascent(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps,
+                          step_size=step_size, random_start=random_start, restarts=restarts,
+                          targeted=targeted, loss=loss, objective=objective, success=success)
 
 
 @common.threat_model('l2')
@@ -161,6 +110,6 @@ def pgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
     >>> attack = jax.jit(functools.partial(pgd_l2, eps=0.5, steps=20, restarts=2))
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
-  return _pgd(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, step_size=step_size,
-              random_start=random_start, restarts=restarts, targeted=targeted, loss=loss,
-              objective=objective, success=success)
+  return projected_ascent(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps,
+                          step_size=step_size, random_start=random_start, restarts=restarts,
+                          targeted=targeted, loss=loss, objective=objective, success=success)

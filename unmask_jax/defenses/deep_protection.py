@@ -45,7 +45,7 @@ Stopping (`make(stop=...)`):
 Each rule is one function used both on-line (an `on_checkpoint` callback of `dip_restore`) and
 off-line on a `dip_trajectory` (every image run once to max_iters, M's logits and the MSE recorded
 at each checkpoint): a stop rule only picks which checkpoint's EMA output is kept, so one trajectory
-gives all three stops exactly (`unmask_jax.eval.dip_study` compares them that way).
+gives all three stops exactly (`unmask_jax.eval.deep_protection_eval` compares them that way).
 """
 from __future__ import annotations
 
@@ -283,7 +283,8 @@ def classifier(ctx: base.Context) -> Callable:
 # ----------------------------------------------------------------------------------------------
 # Stop rules. Each is one function shared by the on-line form (an `on_checkpoint` callback of
 # `dip_restore`, used by the defense) and the off-line form (a checkpoint index per image from a
-# `dip_trajectory`, used by `unmask_jax.eval.dip_study`), so both make the same decisions.
+# `dip_trajectory`, used by `unmask_jax.eval.deep_protection_eval`), so both make the same
+# decisions.
 
 
 def auto_rule_fires(it: int, mse, prev_mse, sigma, *, auto_tol: float, min_iters: int):

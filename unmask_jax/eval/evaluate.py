@@ -314,19 +314,20 @@ def evaluate_class_set(cs_name: str, cs, config, parts_fn, workdir: str) -> dict
 
 
 # Deep Protection's name in results (the registry's defense, with the study's fixed stop); the
-# report shows it as "DP (subset)": it runs on a subset of the test images (see dip_study).
+# report shows it as "DP (subset)": it runs on a subset of the test images (see
+# deep_protection_eval).
 DIP = 'deep_protection'
 
 
 def _add_deep_protection(out, dip_cfg, ctx, val, x_val, test, x_test, y_test, adv, root, cs_name,
                          workdir) -> None:
-  """Runs the DIP study on the configured subset (cached by config and model) and adds its
+  """Runs `deep_protection_eval` on the configured subset (cached by config and model) and adds its
   fixed-stop accuracy, residual-detection AUC and ROC data under the name `DIP`.
 
   Only the first `n_images` test images are restored (DIP fits one network per image), so these
   entries are over that subset, unlike the other columns; the report says so.
   """
-  from unmask_jax.eval import dip_study
+  from unmask_jax.eval import deep_protection_eval
   overrides = {k: v for k, v in dip_cfg.to_dict().items() if k not in ('class_sets', 'attacks')}
   labels = [l for l in dip_cfg.attacks if l in adv]
   stamp = {'config': json.loads(json.dumps(overrides)), 'attacks': labels,
@@ -336,9 +337,9 @@ def _add_deep_protection(out, dip_cfg, ctx, val, x_val, test, x_test, y_test, ad
   if result is None or result.get('stamp') != stamp:
     print(f'  Deep Protection (DIP) on the first {overrides.get("n_images")} test images x '
           f'{len(labels)} attacks + clean ...')
-    result = dip_study.run_dip_study(ctx, x_val, val.arrays['label'], x_test, y_test,
-                                     {l: adv[l]['x_adv'] for l in labels},
-                                     _key_for(root, cs_name, 'dip'), cfg=overrides)
+    result = deep_protection_eval.evaluate_stop_rules(
+        ctx, x_val, val.arrays['label'], x_test, y_test, {l: adv[l]['x_adv'] for l in labels},
+        _key_for(root, cs_name, 'dip'), cfg=overrides)
     result['stamp'] = stamp
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ckpt.write_json_atomic(path, result)

@@ -358,8 +358,8 @@ def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) ->
     lines.append('')
   for cs_name, cs in results['class_sets'].items():
     if 'dip' in cs:
-      from unmask_jax.eval import dip_study
-      lines += [dip_study.report_section(cs['dip']).replace(
+      from unmask_jax.eval import deep_protection_eval
+      lines += [deep_protection_eval.report_section(cs['dip']).replace(
           '## Deep Protection', f'## {cs_name.upper()}: Deep Protection', 1), '']
   cost_rows = [{'class set': c.upper(), **{_short(d): v for d, v in cs['defense_seconds'].items()}}
                for c, cs in results['class_sets'].items() if cs.get('defense_seconds')]

@@ -1,4 +1,4 @@
-"""Deep Protection study (Kulkarni & Ambati): fixed vs automatic vs oracle stop from ONE DIP run per image.
+"""Deep Protection (Kulkarni & Ambati) evaluated: fixed, auto and oracle stop from ONE DIP run.
 
 Deep Protection restores each input with a Deep Image Prior and classifies the restoration with the
 unchanged victim M (`unmask_jax.defenses.deep_protection`). Its three stop rules differ only in
@@ -21,7 +21,7 @@ top-1 is a loose bound with 3 classes (any checkpoint that happens to predict th
 counts), which is why it is an upper bound and never a defense result.
 
 Cost and subset: DIP fits a network per image (~2 ms per image-iteration on an idle 2-core CPU), so
-the study restores a documented subset: the first `n_images` test images, each clean and under
+only a documented subset is restored: the first `n_images` test images, each clean and under
 every attack, plus `val_size` clean validation images to choose the fixed stop; Kulkarni & Ambati likewise
 used 100 images x 8 attacks. All of them are restored in one `dip_trajectory` call (rows:
 validation, clean test, then each attack in order; row r uses `fold_in(key, r)`), `chunk` images
@@ -35,6 +35,10 @@ Also reported: the restoration residual ||x - x_hat||^2 at the fixed stop as a d
 AUC; positives = successful adversarial examples, negatives = their clean counterparts; TPR at a
 threshold set on the clean validation images' residuals) and the fraction of clean accuracy
 recovered, (acc_dip(adv) - acc_none(adv)) / (acc_none(clean) - acc_none(adv)).
+
+Used by the evaluation (`eval.evaluate`, config block `dip`: the "DP (subset)" column and each
+class set's Deep Protection section of the report) and, on its own, by the study script
+`experiments/deep_protection/study.py`.
 """
 from __future__ import annotations
 
@@ -55,17 +59,13 @@ CLEAN = 'clean'
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Defaults sized for the main job on a 2-core CPU (SynthParts 32x32x3, 3 classes).
+  """Every option, with the defaults the main job runs (SynthParts 32x32x3, 3 classes, 2-core CPU).
 
-  Measured on runs/main cs3a (32 validation + 32 test images x (clean + 5 attacks) = 224 images x
-  250 iterations = 56,000 image-iterations): 186 s of CPU time, 179 s wall on the 2-core machine
-  while other jobs kept its load at ~4. Estimated ~100 s wall on an idle machine: CPU time times
-  the wall/CPU ratio (0.54) of the generator with widths (32, 64, 64), 4.3 ms per image-iteration
-  idle, which costs 2.9x the CPU time of (16, 32, 32). With widths (16, 32, 32), DIP restores clean
-  images to M's accuracy by ~125 iterations; attacked images recover most of it at ~125-175
-  iterations and lose some again later as the generator re-draws the perturbation; the 'auto'
-  rule stops attacked images at ~210-250 (clean ones mostly run to the cap). With 300 iterations
-  (CPU 234 s) the fixed and oracle results were identical and 'auto' within one image per set.
+  With widths (16, 32, 32), DIP restores clean images to M's accuracy by ~125 iterations; attacked
+  images recover most of it at ~125-175 iterations and lose some again later as the generator
+  re-draws the perturbation; the 'auto' rule stops attacked images at ~210-250 (clean ones mostly
+  run to the cap), hence max_iters 250. Measured costs and the (32, 64, 64) comparison:
+  experiments/deep_protection/config.py.
   """
   return ml_collections.ConfigDict({
       'n_images': 32,          # first n test images (each clean and under every attack)
@@ -95,7 +95,8 @@ def _merged_config(cfg) -> dict:
   given = {} if cfg is None else (cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
   unknown = sorted(set(given) - set(out))
   if unknown:
-    raise ValueError(f'Unknown dip_study config fields {unknown}; known: {sorted(out)}')
+    raise ValueError(f'Unknown Deep Protection evaluation config fields {unknown}; '
+                     f'known: {sorted(out)}')
   out.update(given)
   out['widths'] = tuple(int(w) for w in out['widths'])
   for name in ('n_images', 'val_size', 'max_iters', 'check_every', 'chunk'):
@@ -110,7 +111,7 @@ def _merged_config(cfg) -> dict:
 
 
 def dip_config(cfg) -> dp.DIPConfig:
-  """The generator settings of a study config."""
+  """The generator settings of a config (overrides of `default_config()`)."""
   c = _merged_config(cfg)
   return dp.DIPConfig(**{f.name: c[f.name] for f in dataclasses.fields(dp.DIPConfig)})
 
@@ -120,7 +121,7 @@ def oracle_k(topk: int, num_classes: int) -> int:
   return max(1, min(int(topk), int(num_classes) // 10))
 
 
-def study_rows(x_val, x_test, adv: Mapping[str, Any], cfg) -> tuple[np.ndarray, dict]:
+def restoration_rows(x_val, x_test, adv: Mapping[str, Any], cfg) -> tuple[np.ndarray, dict]:
   """The images restored, in order, and each set's row slice: {'val', 'clean', attack...}."""
   c = _merged_config(cfg)
   n, v = min(c['n_images'], len(x_test)), min(c['val_size'], len(x_val))
@@ -139,8 +140,8 @@ def _mean(x) -> float:
   return float(np.mean(x)) if np.size(x) else float('nan')
 
 
-def run_dip_study(ctx: base.Context, x_val, y_val, x_test, y_test, adv: Mapping[str, Any],
-                  key: jax.Array, cfg=None) -> dict:
+def evaluate_stop_rules(ctx: base.Context, x_val, y_val, x_test, y_test, adv: Mapping[str, Any],
+                        key: jax.Array, cfg=None) -> dict:
   """Deep Protection with fixed, 'auto' and oracle stops on a subset, from one DIP run per image.
 
   Args:
@@ -150,7 +151,7 @@ def run_dip_study(ctx: base.Context, x_val, y_val, x_test, y_test, adv: Mapping[
     x_test, y_test: clean test images and labels; the first `cfg.n_images` are used.
     adv: attack label -> adversarial versions of the same test images (row i attacks x_test[i]);
       the first `cfg.n_images` of each are used. Attacks are reported in this order.
-    key: DIP randomness (row r of `study_rows` uses `fold_in(key, r)`).
+    key: DIP randomness (row r of `restoration_rows` uses `fold_in(key, r)`).
     cfg: overrides of `default_config()` (ConfigDict or dict).
 
   Returns:
@@ -169,7 +170,7 @@ def run_dip_study(ctx: base.Context, x_val, y_val, x_test, y_test, adv: Mapping[
   c = _merged_config(cfg)
   dip_cfg = dip_config(c)
   attacks = list(adv)
-  x_all, slices = study_rows(x_val, x_test, adv, c)
+  x_all, slices = restoration_rows(x_val, x_test, adv, c)
   n = slices[CLEAN].stop - slices[CLEAN].start
   v = slices['val'].stop - slices['val'].start
   y_val = np.asarray(y_val)[:v]

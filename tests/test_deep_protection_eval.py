@@ -1,4 +1,5 @@
-"""The Deep Protection study: one DIP trajectory per image gives the fixed, auto and oracle stops.
+"""unmask_jax.eval.deep_protection_eval: one DIP trajectory per image gives the fixed, auto and
+oracle stops.
 
 lr 0.02 and EMA 0.9 (instead of 0.01 and 0.99) make the outputs move within 60 iterations, so the
 chosen fixed stop and the auto and oracle stops land on different, non-final checkpoints.
@@ -17,7 +18,7 @@ from jax.tree_util import Partial
 
 from unmask_jax.defenses import base
 from unmask_jax.defenses import deep_protection as dp
-from unmask_jax.eval import dip_study
+from unmask_jax.eval import deep_protection_eval as dpe
 
 SHAPE = (8, 8, 3)
 CFG = dict(n_images=4, val_size=4, max_iters=60, check_every=10, chunk=8, widths=(8, 16),
@@ -60,16 +61,16 @@ def _setup():
 def study():
   ctx, x_val, y_val, x_test, y_test, adv = _setup()
   key = jax.random.key(7)
-  result = dip_study.run_dip_study(ctx, x_val, y_val, x_test, y_test, adv, key, CFG)
+  result = dpe.evaluate_stop_rules(ctx, x_val, y_val, x_test, y_test, adv, key, CFG)
   return result, (ctx, x_val, y_val, x_test, y_test, adv, key)
 
 
 def test_one_trajectory_equals_separate_stop_rule_runs(study):
   result, (ctx, x_val, y_val, x_test, y_test, adv, key) = study
-  x_all, slices = dip_study.study_rows(x_val, x_test, adv, CFG)
+  x_all, slices = dpe.restoration_rows(x_val, x_test, adv, CFG)
   assert len(x_all) == 16 and slices['clean'] == slice(4, 8)
   y_all = np.concatenate([y_val, y_test, y_test, y_test])
-  cfg = dip_study.dip_config(CFG)
+  cfg = dpe.dip_config(CFG)
   run = dict(key=key, cfg=cfg, check_every=10, chunk=8)
   sets = ['clean', 'sign', 'noise']
   got = lambda field: np.concatenate([result['per_image'][s][field] for s in sets])
@@ -139,33 +140,33 @@ def test_oracle_bounds_fixed_and_structure(study):
       result['accuracy'][a]['oracle'] for a in adv)
   for a in adv:
     none = result['accuracy'][a]['none']
-    for r in dip_study.RULES:
+    for r in dpe.RULES:
       want = (result['accuracy'][a][r] - none) / (1.0 - none) if none < 1 else float('nan')
       np.testing.assert_allclose(result['recovered'][a][r], want)
     assert 0.0 <= result['detection'][a]['auc_all'] <= 1.0
   json.dumps(result, allow_nan=True)  # JSON-serialisable as is.
-  text = dip_study.report_section(result)
+  text = dpe.report_section(result)
   assert text.startswith('## Deep Protection') and 'first 4 test images' in text
   assert 'upper bound' in text and f'{result["fixed_iters"]} iterations' in text
 
 
 def test_config_and_topk():
-  assert dip_study.oracle_k(5, 3) == 1 and dip_study.oracle_k(5, 10) == 1
-  assert dip_study.oracle_k(5, 1000) == 5 and dip_study.oracle_k(5, 30) == 3
+  assert dpe.oracle_k(5, 3) == 1 and dpe.oracle_k(5, 10) == 1
+  assert dpe.oracle_k(5, 1000) == 5 and dpe.oracle_k(5, 30) == 3
   with pytest.raises(ValueError, match='Unknown'):
-    dip_study.dip_config({'widht': (8,)})
-  assert dip_study.dip_config(None).widths == tuple(dip_study.default_config().widths)
+    dpe.dip_config({'widht': (8,)})
+  assert dpe.dip_config(None).widths == tuple(dpe.default_config().widths)
   ctx, x_val, y_val, x_test, y_test, adv = _setup()
   with pytest.raises(ValueError, match='3 images'):
-    dip_study.study_rows(x_val, x_test, {'a': adv['sign'][:3]}, CFG)
+    dpe.restoration_rows(x_val, x_test, {'a': adv['sign'][:3]}, CFG)
   # No attacks, a fixed iteration count from the config (same compiled step: 8 images).
-  result = dip_study.run_dip_study(ctx, x_val, y_val, x_test, y_test, {}, jax.random.key(0),
+  result = dpe.evaluate_stop_rules(ctx, x_val, y_val, x_test, y_test, {}, jax.random.key(0),
                                    dict(CFG, iters=30))
   assert result['fixed_iters'] == 30 and result['fixed_iters_source'] == 'config'
   assert result['attacks'] == [] and 'worst_case' not in result['accuracy']
-  assert dip_study.report_section(result).startswith('## Deep Protection')
+  assert dpe.report_section(result).startswith('## Deep Protection')
   with pytest.raises(ValueError, match='not a checkpoint'):
-    dip_study.run_dip_study(ctx, x_val, y_val, x_test, y_test, {}, jax.random.key(0),
+    dpe.evaluate_stop_rules(ctx, x_val, y_val, x_test, y_test, {}, jax.random.key(0),
                             dict(CFG, iters=35))
   # The off-line auto rule on a hand-made MSE curve: stops at the flat step after min_iters or at
   # the noise floor, else at the cap.
