@@ -12,6 +12,15 @@ file) print `error: <message>` on one line to stderr and exit with status 2, wit
 the message already says what is wrong and how to fix it, and a traceback would bury it. Every
 other exception is a bug and keeps its traceback. UNMASK_TRACEBACK=1 shows the traceback of the
 one-line errors too (for debugging a message that is not clear enough).
+
+Both cores by default on a CPU: before the script's main runs (and before jax starts its backend,
+which reads XLA_FLAGS once), `run` adds `--xla_force_host_platform_device_count=<n>` to XLA_FLAGS,
+n = the cores this process may use (rounded down to a power of two, at most 16, so that every
+shipped batch size divides by it), unless XLA_FLAGS sets the count already or an accelerator is
+meant to be used (JAX_PLATFORMS names another platform first, or, with JAX_PLATFORMS unset, a jax
+GPU/TPU plugin is installed). Attacks, evaluation and training then shard their batches over the
+n host devices (`unmask_jax.parallel`), with the results of one device (up to float32 rounding).
+`--host_devices=<n>` (or the UNMASK_HOST_DEVICES environment variable) sets n; 1 restores one device.
 """
 from __future__ import annotations
 
@@ -26,6 +35,19 @@ from ml_collections import config_flags
 from unmask_jax import errors
 
 EXIT_USER_ERROR = 2
+
+HOST_DEVICES_ENV = 'UNMASK_HOST_DEVICES'
+DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+MAX_DEFAULT_HOST_DEVICES = 16   # the smallest batch size of the shipped configs
+_HOST_DEVICES = flags.DEFINE_integer(
+    'host_devices', None,
+    'CPU only: number of XLA host devices the batches are sharded over (data parallel, one per '
+    'core; the results equal those of one device up to float rounding). Default: the usable '
+    f'cores, rounded down to a power of two, at most {MAX_DEFAULT_HOST_DEVICES}; 1 = one device. '
+    f'Also settable as the {HOST_DEVICES_ENV} environment variable. A count set in XLA_FLAGS '
+    f'({DEVICE_COUNT_FLAG}=<n>) is used as it is (giving this too is an error); by default nothing '
+    'is changed when JAX_PLATFORMS names another platform first or a jax GPU/TPU plugin is '
+    'installed.', lower_bound=1)
 
 
 def one_line(message: str) -> str:
@@ -198,6 +220,79 @@ def _check_config_files() -> None:
       _fail(f'cannot load the config file of --{name}: {one_line(str(e))}')
 
 
+def usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))   # what this process may run on (taskset, cgroups' cpusets)
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def _accelerator_plugin_installed() -> bool:
+  """Whether a jax GPU/TPU plugin is installed (looked up without importing it)."""
+  import importlib.metadata
+  import importlib.util
+  try:
+    if list(importlib.metadata.entry_points(group='jax_plugins')):
+      return True
+    spec = importlib.util.find_spec('jax_plugins')
+    if spec is not None and spec.submodule_search_locations:
+      import pkgutil
+      if any(True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
+        return True
+    return importlib.util.find_spec('libtpu') is not None
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def host_device_count(requested: int | None, environ=None, cores: int | None = None) -> int | None:
+  """The host device count to force in XLA_FLAGS, or None to leave XLA_FLAGS alone.
+
+  `requested` is --host_devices (None: not given); then UNMASK_HOST_DEVICES; then the default
+  (the module docstring says which). A count already in XLA_FLAGS always wins.
+  """
+  environ = os.environ if environ is None else environ
+  if requested is None and environ.get(HOST_DEVICES_ENV, '').strip():
+    text = environ[HOST_DEVICES_ENV].strip()
+    if not text.isdigit() or int(text) < 1:
+      raise errors.ConfigError(f'{HOST_DEVICES_ENV}={text!r} must be a whole number >= 1 '
+                               '(1 = one device)')
+    requested = int(text)
+  if DEVICE_COUNT_FLAG in environ.get('XLA_FLAGS', ''):
+    if requested is not None:
+      raise errors.ConfigError(f'the host device count is given twice: {requested} by --host_devices '
+                               f'or {HOST_DEVICES_ENV}, and in XLA_FLAGS ({environ["XLA_FLAGS"]}); '
+                               'give it once')
+    return None
+  if requested is not None:
+    return requested if requested > 1 else None
+  platforms = (environ.get('JAX_PLATFORMS') or environ.get('JAX_PLATFORM_NAME') or '').strip().lower()
+  if platforms and platforms.split(',')[0].strip() != 'cpu':
+    return None      # an accelerator (or something else) is asked for: leave it be
+  if not platforms and _accelerator_plugin_installed():
+    return None      # a GPU/TPU may be used: its devices, not the host's, are the ones to shard over
+  cores = usable_cores() if cores is None else cores
+  n = 1
+  while n * 2 <= min(cores, MAX_DEFAULT_HOST_DEVICES):
+    n *= 2
+  return n if n > 1 else None
+
+
+def use_host_devices(requested: int | None = None) -> int | None:
+  """Adds the host device count (`host_device_count`) to XLA_FLAGS; returns it, None if unchanged.
+
+  Must run before jax's backend starts (the scripts call it from `run`, before main).
+  """
+  n = host_device_count(requested)
+  if n is None:
+    return None
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {DEVICE_COUNT_FLAG}={n}'.strip()
+  backends = getattr(sys.modules.get('jax._src.xla_bridge'), '_backends', None)
+  if backends and requested is not None:
+    print(f'warning: jax started before --host_devices={requested} could apply; it has no effect',
+          file=sys.stderr)
+  return n
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     args = flags.FLAGS(argv)
@@ -207,6 +302,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # ml_collections raises these for a bad `--config.<field>` override or config file.
     _fail(_override_error(e, argv))
   _check_config_files()
+  try:
+    use_host_devices(_HOST_DEVICES.value)
+  except errors.UserError as e:
+    _fail(one_line(str(e)))
   return args
 
 
@@ -225,5 +324,8 @@ def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object
 
 
 def run(main: Callable[[list[str]], object]) -> None:
-  """`app.run(main)` with one-line errors for bad flags and anticipated failures."""
+  """`app.run(main)` with one-line errors for bad flags and anticipated failures, and the batches
+  sharded over one host device per core on a CPU (see the module docstring)."""
+  # Listed by the script's --help (a key flag of its module), like --config.
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS['host_devices'])
   app.run(guarded(main), flags_parser=_parse_flags)

@@ -22,11 +22,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unmask_jax import attacks as attacks_lib
 from unmask_jax import data as data_lib
 from unmask_jax import errors
+from unmask_jax import parallel
 from unmask_jax.data import pipeline
 from unmask_jax.eval import report
 from unmask_jax.models import functional
@@ -170,19 +170,16 @@ def run_attacks(config, workdir: str, *, overwrite: bool = False) -> list[dict]:
                 'image_shape': list(ds.image_shape), 'n': len(ds)})
   index.setdefault('attacks', {})
 
-  devices = jax.devices()
-  mesh = Mesh(np.array(devices), ('data',))
-  shard = NamedSharding(mesh, P('data'))
-  if bs % len(devices):
-    raise ValueError(f'batch_size {bs} must be divisible by the {len(devices)} devices')
+  # Every batch is sharded over all local devices (on a CPU, the host devices the scripts create,
+  # one per core by default; see `unmask_jax.parallel`); the results do not depend on how many.
   logits_fn = functional.logits_fn(model)
-  predict = jax.jit(lambda f, x: jnp.argmax(f(x), -1))
+  predict = parallel.sharded(jax.jit(lambda f, x: jnp.argmax(f(x), -1)), batch_argnums=(1,))
   x_all = pipeline.to_float(ds.arrays['image'])
   y_all = ds.arrays['label']
   pipeline.validate_images(x_all, channels=spec['in_channels'])
   pipeline.validate_labels(y_all, spec['num_classes'])
   clean_pred = np.concatenate([
-      np.asarray(predict(logits_fn, jax.device_put(pipeline.to_float(b['image']), shard)))[b['valid']]
+      np.asarray(predict(logits_fn, pipeline.to_float(b['image'])))[b['valid']]
       for b in pipeline.batches(ds.arrays, bs)])
   root = jax.random.key(config.seed)
 
@@ -193,20 +190,18 @@ def run_attacks(config, workdir: str, *, overwrite: bool = False) -> list[dict]:
       ckpt.load_npz_verified(path)   # a damaged result is an error, never reused
       print(f'  {label}: already done with the same parameters, skipped')
       continue
-    fn = compiled(aspec)
+    fn = parallel.sharded(compiled(aspec), batch_argnums=(1, 2))
     key = jax.random.fold_in(root, a_i)
     x_adv = []
     t0 = time.time()
     for b_i, b in enumerate(progress(pipeline.batches(ds.arrays, bs), total=pipeline.num_batches(len(ds), bs),
                                      desc=label)):
-      x = jax.device_put(pipeline.to_float(b['image']), shard)
-      y = jax.device_put(b['label'], shard)
-      xa = fn(logits_fn, x, y, jax.random.fold_in(key, b_i))
+      xa = fn(logits_fn, pipeline.to_float(b['image']), b['label'], jax.random.fold_in(key, b_i))
       x_adv.append(np.asarray(xa)[b['valid']])
     x_adv = np.concatenate(x_adv)
     seconds = time.time() - t0
     adv_pred = np.concatenate([
-        np.asarray(predict(logits_fn, jax.device_put(pipeline.to_float(b['image']), shard)))[b['valid']]
+        np.asarray(predict(logits_fn, pipeline.to_float(b['image'])))[b['valid']]
         for b in pipeline.batches({'image': x_adv}, bs)])
     delta = (x_adv - x_all).reshape(len(x_all), -1)
     linf = np.abs(delta).max(1)
