@@ -165,6 +165,32 @@ def test_kde_matches_float64_bruteforce_128d():
   assert np.isfinite(missing[0]) and missing[1] == -np.inf
 
 
+def test_kde_log_density_slots_and_calls_match_float64(monkeypatch):
+  # Unbalanced classes (several slots for one class), classes without training points or out of
+  # range (-inf), far queries (|log p| in the thousands), several bandwidths, and a call budget so
+  # small that the slots are spread over several padded jitted calls: all 1e-3 relative to float64.
+  rng = np.random.default_rng(0)
+  d, n_cls = 64, 4
+  means = rng.normal(0.0, 3.0, (n_cls, d)) + 10.0  # far from the origin: centring matters
+  ty = np.repeat(np.arange(n_cls - 1), [150, 40, 7])  # class 3 has no training points
+  tz = (means[ty] + rng.normal(0.0, 1.0, (len(ty), d))).astype(np.float32)
+  cls = np.concatenate([np.zeros(70, int), np.ones(5, int), np.full(9, 2), [3, -1, 7]])
+  z = (means[np.clip(cls, 0, n_cls - 1)] + rng.normal(0.0, 2.0, (len(cls), d))).astype(np.float32)
+  hs = np.array([0.4, 1.0, 3.0])
+  want = np.stack([_bruteforce_log_density(z[:-3], cls[:-3], tz, ty, h) for h in hs])
+  for call_elems in (kde._CALL_ELEMS, 3000):
+    monkeypatch.setattr(kde, '_CALL_ELEMS', call_elems)
+    for chunk, train_chunk in ((256, 2048), (32, 64), (5, 7)):
+      got = kde.kde_log_density(z, cls, tz, ty, hs, chunk=chunk, train_chunk=train_chunk)
+      assert got.shape == (3, len(cls)) and got.dtype == np.float32
+      assert np.all(got[:, -3:] == -np.inf)
+      np.testing.assert_allclose(got[:, :-3], want, rtol=1e-3, atol=1e-3)
+  assert np.abs(want).max() > 1000
+  one = kde.kde_log_density(z, cls, tz, ty, 1.0)
+  assert one.shape == (len(cls),)
+  np.testing.assert_allclose(one[:-3], want[1], rtol=1e-3, atol=1e-3)
+
+
 def test_kde_bandwidth_selection():
   ctx, _ = fake_ctx(hidden=32)
   det = kde.make(bandwidth=None, chunk=32, train_chunk=64)
