@@ -54,10 +54,13 @@ def _toy_target():
   return d, state, ctx
 
 
-def test_adaptive_finds_the_known_optimum_of_a_toy_defense():
+@pytest.mark.parametrize('objective', ['orthogonal', 'balanced'])
+def test_adaptive_finds_the_known_optimum_of_a_toy_defense(objective):
   """Within eps = 0.05: raising the w=2 pixels and lowering the w=0.5 ones fools M (margin
   0.05 * (48 - 12) = 1.8 > 0.5 + kappa) with the mean unchanged, so every image can succeed. The
-  gray-box attack raises every pixel (all w > 0), moves the mean by eps and is always flagged."""
+  gray-box attack raises every pixel (all w > 0), moves the mean by eps and is always flagged.
+  The balanced objective's step, sign(W / |W| - 1 / sqrt(D)) while the mean is high, is exactly
+  that optimum's direction."""
   d, state, ctx = _toy_target()
   x, y = _clean(6)
   eps = 0.05
@@ -66,10 +69,10 @@ def test_adaptive_finds_the_known_optimum_of_a_toy_defense():
   fooled = np.asarray(jnp.argmax(_logits(gray), -1)) != y
   assert fooled.all() and dec['flagged'].all()      # gray-box: M fooled, but always caught
 
-  # Orthogonal PGD: sign steps of the selective objective alone oscillate here (the fooling step
-  # raises every pixel, the hiding step lowers every pixel) and reach only part of the images.
+  # Sign steps of the selective objective alone oscillate here (the fooling step raises every
+  # pixel, the hiding step lowers every pixel) and reach only part of the images.
   attack = attacks.compile_attack(
-      f'adaptive(base="pgd_linf(eps={eps}, steps=30)", kappa=0.5, objective="orthogonal")')
+      f'adaptive(base="pgd_linf(eps={eps}, steps=30)", kappa=0.5, objective="{objective}")')
   x_adv = attack(ctx.logits_fn, x, y, jax.random.key(0), target=adaptive.target_of(d, state, ctx))
   dec = d.decide(state, ctx, np.asarray(x_adv), None)
   m_pred = np.asarray(jnp.argmax(_logits(x_adv), -1))
@@ -88,6 +91,12 @@ def test_adaptive_needs_a_target_and_valid_options():
                       target=adaptive.target_of(d, state, ctx))
   with pytest.raises(ValueError, match='objective must be'):
     adaptive.adaptive(ctx.logits_fn, x, y, jax.random.key(0), objective='other',
+                      target=adaptive.target_of(d, state, ctx))
+  with pytest.raises(ValueError, match='corrector must be'):
+    adaptive.adaptive(ctx.logits_fn, x, y, jax.random.key(0), corrector='some',
+                      target=adaptive.target_of(d, state, ctx))
+  with pytest.raises(ValueError, match='step_fraction'):
+    adaptive.adaptive(ctx.logits_fn, x, y, jax.random.key(0), step_fraction=-0.25,
                       target=adaptive.target_of(d, state, ctx))
   with pytest.raises(ValueError, match='base must be one of'):
     adaptive.adaptive(ctx.logits_fn, x, y, jax.random.key(0), base='fgsm(eps=0.1)',
@@ -155,3 +164,16 @@ def test_attack_success_needs_fooled_unflagged_and_wrong_correction():
                                 [True, False, False, False])
   np.testing.assert_array_equal(adaptive_eval.attack_success(dec, m_pred, y, corrects=False),
                                 [True, False, True, False])
+
+
+def test_step_fraction_is_the_base_step_size_as_a_fraction_of_eps():
+  d, state, ctx = _toy_target()
+  x, y = _clean(4)
+  target = adaptive.target_of(d, state, ctx)
+  a = attacks.compile_attack('adaptive(base="pgd_linf(eps=0.04, steps=5)", step_fraction=0.25)')
+  b = attacks.compile_attack('adaptive(base="pgd_linf(eps=0.04, steps=5, step_size=0.01)")')
+  c = attacks.compile_attack('adaptive(base="pgd_linf(eps=0.04, steps=5)")')
+  xa, xb, xc = (np.asarray(f(ctx.logits_fn, x, y, jax.random.key(0), target=target))
+                for f in (a, b, c))
+  np.testing.assert_array_equal(xa, xb)
+  assert not np.array_equal(xa, xc)     # the default step (2.5 eps / steps) differs

@@ -429,3 +429,24 @@ def test_deep_protection_defense_stop_rules():
   assert oracle['success'].all() and np.all(oracle['stop_iter'] == 50)  # top-10 of 10 classes.
   with pytest.raises(ValueError, match='stop'):
     deep_protection.make(stop='never')
+
+
+def test_part_agreement_on_top_k_pixels_reaches_cap_only_on_the_class_row():
+  """The dense hinge of the UnMask surrogate: cap iff all k pixel margins of the class's parts
+  are >= cap and all of the other parts' <= -cap; every one of the k pixels gets a gradient."""
+  import jax
+  import jax.numpy as jnp
+  from unmask_jax.defenses import unmask as unmask_lib
+  v = jnp.asarray([[1, 1, 0, 0], [0, 0, 1, 1]], jnp.float32)
+  m = jnp.asarray([[[2.0, 1.5, 1.0], [3.0, 2.0, 1.2], [-1.0, -2.0, -3.0], [-1.5, -1.5, -2.0]]])
+  agree = np.asarray(unmask_lib.part_agreement(m, v))
+  sign = np.where(np.asarray(v) > 0, 1.0, -1.0)
+  expected = np.minimum(sign[:, :, None] * np.asarray(m)[0][None], 1.0).mean(axis=(1, 2))
+  np.testing.assert_allclose(agree, expected[None], rtol=1e-6)
+  assert agree[0, 0] == 1.0
+  weaker = m.at[0, 1, 2].set(0.2)       # one pixel of a class-0 part below cap: no longer cap
+  assert float(unmask_lib.part_agreement(weaker, v)[0, 0]) < 1.0
+  g = jax.grad(lambda mm: unmask_lib.part_agreement(mm, v)[0, 0])(jnp.zeros_like(m))
+  assert np.all(np.asarray(g) != 0)      # all k pixels of every part, at margin 0
+  # The k-th margin alone (the [N, P] form) reaches cap on the same input.
+  assert float(unmask_lib.part_agreement(m[..., -1], v)[0, 0]) == 1.0

@@ -51,3 +51,25 @@ def test_iou_and_presence_hand_computed():
   cm = np.asarray(pe.confusion(jnp.asarray(np.eye(3)[None, None, [0, 1, 1]] * 5.0),
                                jnp.array([[[0, 1, 2]]]), 3))
   np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 0], [0, 1, 0]])
+
+
+@pytest.mark.parametrize('min_conf', [0.0, 0.3, 0.6, 0.9])
+@pytest.mark.parametrize('min_area', [1, 3, 6])
+def test_margins_are_positive_exactly_where_parts_are_extracted(min_conf, min_area):
+  import jax
+  z = 4.0 * jax.random.normal(jax.random.key(0), (32, 8, 8, 6))
+  exact = np.asarray(pe.extract_parts(z, min_area, min_conf))
+  np.testing.assert_array_equal(np.asarray(pe.part_margins(z, min_area, min_conf) > 0), exact > 0)
+  top = np.asarray(pe.top_pixel_margins(z, min_area, min_conf))
+  assert top.shape == (32, 5, min_area)
+  assert np.all(np.diff(top, axis=-1) <= 0)          # descending; the last is the k-th margin
+  np.testing.assert_array_equal(top[..., -1], np.asarray(pe.part_margins(z, min_area, min_conf)))
+
+
+def test_margin_keeps_a_gradient_on_confident_pixels():
+  """An attack removing a confidently segmented part needs a gradient there: the confidence
+  margin is the log-odds (gradient ~1), not the log-probability (gradient 1 - p ~ 1e-4)."""
+  import jax
+  lg = _logits(np.full((2, 2), 1), np.full((2, 2), 0.9999))
+  g = jax.grad(lambda z: pe.part_margins(z, 4, 0.3)[0, 0])(lg)
+  assert float(jnp.abs(g).sum()) > 0.5

@@ -343,8 +343,12 @@ def _validate_adaptive(a, prefix: str) -> None:
   _int(a, 'restarts', prefix, 1)
   _one_of(a.targets, adaptive_lib.TARGETS, f'{prefix}.targets')
   _one_of(a.get('objective', 'selective'), tuple(adaptive_lib.OBJECTIVES), f'{prefix}.objective')
+  _one_of(a.get('corrector', 'target'), adaptive_lib.CORRECTORS, f'{prefix}.corrector')
   if not float(a.kappa) >= 0:
     _fail(f'{prefix}.kappa must be >= 0 (a margin in logits), got {a.kappa!r}')
+  if a.get('step_fraction', None) is not None and not float(a.step_fraction) > 0:
+    _fail(f'{prefix}.step_fraction must be > 0 (a fraction of eps) or None, got '
+          f'{a.step_fraction!r}')
   if not a.attacks:
     _fail(f'{prefix}.attacks is empty: name the gray-box attack labels to pair with, e.g. '
           "('PGD-Linf-8',), or set {prefix}.n_images=0 to skip the adaptive evaluation")

@@ -76,6 +76,7 @@ def rectify(extracted, predicted, parts_matrix):
 
 
 CLASS_SURROGATES = ('parts', 'jaccard')
+PIXELS = ('top_k', 'kth')
 
 
 def part_agreement(margins, parts_matrix, cap: float = 1.0):
@@ -85,13 +86,20 @@ def part_agreement(margins, parts_matrix, cap: float = 1.0):
   class c's parts and no other part with margin >= cap, and its gradient does not vanish for
   parts far from the decision (a sigmoid of the margin would), so an attack can steer K's parts
   towards a target class's row. [N, P] x [C, P] -> [N, C].
+
+  Given the k largest pixel margins per part, m_pj [N, P, k] (`part_extraction.top_pixel_margins`),
+  the hinge is averaged over them: mean_p mean_j min(s_cp m_pj, cap). It reaches `cap` under the
+  same condition (all k above cap for c's parts, all k below -cap for the others), and its
+  gradient reaches k pixels per part instead of the one that the k-th margin depends on.
   """
   sign = 2.0 * (jnp.asarray(parts_matrix, jnp.float32) > 0) - 1.0       # [C, P]
+  if margins.ndim == 3:
+    return jnp.mean(jnp.minimum(sign[None, :, :, None] * margins[:, None], cap), axis=(-2, -1))
   return jnp.mean(jnp.minimum(sign[None] * margins[:, None, :], cap), axis=-1)
 
 
 def make(*, chunk: int = 128, temperature: float = 1.0, tau: float | None = None,
-         class_surrogate: str = 'parts') -> base.Defense:
+         class_surrogate: str = 'parts', pixels: str = 'top_k') -> base.Defense:
   """UnMask as a registry defense: nothing is learned beyond K's own extraction thresholds.
 
   Args:
@@ -102,6 +110,8 @@ def make(*, chunk: int = 128, temperature: float = 1.0, tau: float | None = None
     class_surrogate: the surrogate's corrected-class logits: 'parts' = `part_agreement` / tau
       (hinge on K's part margins; what an attacker steering K's parts needs) or 'jaccard' = soft
       J(V[c], s) / tau.
+    pixels: the part margins of the 'parts' class surrogate: 'top_k' = all k = ceil(min_area)
+      largest pixel margins per part (a gradient through k pixels), 'kth' = the k-th alone.
   """
   if tau is None:
     tau = 1.0 if class_surrogate == 'parts' else 0.05
@@ -109,6 +119,8 @@ def make(*, chunk: int = 128, temperature: float = 1.0, tau: float | None = None
     raise ValueError(f'temperature and tau must be > 0, got {temperature}, {tau}')
   if class_surrogate not in CLASS_SURROGATES:
     raise ValueError(f'class_surrogate must be one of {CLASS_SURROGATES}, got {class_surrogate!r}')
+  if pixels not in PIXELS:
+    raise ValueError(f'pixels must be one of {PIXELS}, got {pixels!r}')
   name = 'unmask'
 
   def fit(ctx, data, key):
@@ -126,11 +138,13 @@ def make(*, chunk: int = 128, temperature: float = 1.0, tau: float | None = None
   def surrogate(state, ctx, x, key):
     del key
     predicted = jnp.argmax(ctx.logits_fn(x), axis=-1)
-    margins = part_extraction.margins_of(ctx.parts_fn, x)
+    top = part_extraction.top_margins_of(ctx.parts_fn, x)          # [N, P, k]
+    margins = top[..., -1]
     sims = soft_jaccard(jax.nn.sigmoid(margins / temperature), state['parts_matrix'])
     score = 1.0 - jnp.take_along_axis(sims, predicted[:, None], axis=1)[:, 0]
     if class_surrogate == 'parts':
-      return base.Surrogate(score, part_agreement(margins, state['parts_matrix']) / tau)
+      hinge_on = top if pixels == 'top_k' else margins
+      return base.Surrogate(score, part_agreement(hinge_on, state['parts_matrix']) / tau)
     return base.Surrogate(score, sims / tau)
 
   return base.Defense(name, fit, apply, surrogate, corrects=True, chunk=chunk)

@@ -73,6 +73,16 @@ def attack_success(dec: dict, m_pred, y, corrects: bool) -> np.ndarray:
   return ok
 
 
+def adaptive_spec(cfg, norm: str, eps: float, steps: int, restarts: int) -> str:
+  """The registry spec of the adaptive attack that the `adaptive` config describes."""
+  base = f'{_BASE[norm]}(eps={eps!r}, steps={steps}, restarts={restarts})'
+  step_fraction = cfg.get('step_fraction', None)
+  return (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
+          f'objective={cfg.get("objective", "selective")!r}, '
+          f'corrector={cfg.get("corrector", "target")!r}, '
+          f'step_fraction={None if step_fraction is None else float(step_fraction)!r})')
+
+
 def evaluate_adaptive(cfg, det_states, ctx, x_test, y_test, adv, clean_dec, key, *, make_defense,
                       fit) -> dict:
   """The adaptive section of one class set: {defense: {gray-box label: row}}; see the module doc.
@@ -118,9 +128,7 @@ def evaluate_adaptive(cfg, det_states, ctx, x_test, y_test, adv, clean_dec, key,
       state = states[sk]
       a = adv[label]
       norm, eps = str(a['norm']), float(a['eps'])
-      base = f'{_BASE[norm]}(eps={eps!r}, steps={steps}, restarts={int(cfg.restarts)})'
-      spec = (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
-              f'objective={cfg.get("objective", "selective")!r})')
+      spec = adaptive_spec(cfg, norm, eps, steps, int(cfg.restarts))
       t0 = time.perf_counter()
       # One compilation per (defense, norm, steps): eps is passed as a traced scalar.
       ck = (name, norm, steps)
@@ -196,9 +204,7 @@ def _budget_check(cfg, check, entry, ctx, x_test, y_test, adv, key) -> dict | No
   target = adaptive_lib.target_of(d, state, ctx)
   rates = {}
   for restarts in (int(cfg.restarts), int(cfg.restarts) + 1):
-    base = f'{_BASE[norm]}(eps={eps!r}, steps={int(cfg.steps)}, restarts={restarts})'
-    spec = (f'adaptive(base={base!r}, targets={cfg.targets!r}, kappa={float(cfg.kappa)!r}, '
-            f'objective={cfg.get("objective", "selective")!r})')
+    spec = adaptive_spec(cfg, norm, eps, int(cfg.steps), restarts)
     x_adv = np.asarray(attacks.compile_attack(spec)(ctx.logits_fn, jnp.asarray(x), jnp.asarray(y, jnp.int32),
                                                      named_key(key, 'budget'), target=target))
     x_q = round_to_8bit(x_adv, x, norm, eps)

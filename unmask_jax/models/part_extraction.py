@@ -35,16 +35,34 @@ def pixel_margins(logits, min_conf: float):
 
   A pixel counts for part p (class p + 1) when p is its arg-max class AND its probability is at
   least min_conf. Both conditions as margins (> 0 when met):
-    m_arg  = z_p - max_{q != p} z_q             (logit margin of p over every other class)
-    m_conf = log softmax(z)_p - log(min_conf)   (log-probability above the confidence bar)
+    m_arg  = z_p - max_{q != p} z_q                           (logit margin over every other class)
+    m_conf = (z_p - logsumexp_{q != p} z_q) - logit(min_conf)  (log-odds of p above the bar's)
   and the pixel's margin is min(m_arg, m_conf): > 0 iff the pixel counts.
+
+  The log-odds log(p / (1 - p)) = z_p - logsumexp_{q != p} z_q is used rather than the
+  log-probability log p: both are > logit / log of min_conf at the same pixels, but log p
+  saturates at 0 (its gradient 1 - p vanishes) on the confidently segmented pixels an attack must
+  remove, while the log-odds keep a gradient of order 1 there.
   """
   logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
   # Max over the other classes for every class at once: the top-2 logits suffice.
   top2 = jax.lax.top_k(logits, 2)[0]
-  other = jnp.where(logits >= top2[..., :1], top2[..., 1:2], top2[..., :1])
-  m = jnp.minimum(logits - other, logp - jnp.log(jnp.float32(min_conf)))
+  is_top = logits >= top2[..., :1]
+  other = jnp.where(is_top, top2[..., 1:2], top2[..., :1])
+  # logsumexp over q != p: for the arg-max class, a logsumexp with it masked out; for the others,
+  # log(S - e^{z_p}) (S = sum_q e^{z_q}), stable there: S - e^{z_p} >= e^{z_max} >= e^{z_p}.
+  zmax = top2[..., :1]
+  e = jnp.exp(logits - zmax)
+  total = e.sum(-1, keepdims=True)
+  without_top = jnp.log(jnp.maximum(jnp.sum(jnp.where(is_top, 0.0, e), -1, keepdims=True),
+                                    1e-30))
+  rest = jnp.log(jnp.maximum(total - e, 1e-30))
+  log_others = zmax + jnp.where(is_top, without_top, rest)
+  if min_conf <= 0:
+    m = logits - other          # no confidence bar (the original code's threshold of 0)
+  else:
+    bar = math.log(min_conf) - math.log1p(-min_conf) if min_conf < 1 else math.inf
+    m = jnp.minimum(logits - other, logits - log_others - bar)
   return m[..., 1:]
 
 
@@ -55,11 +73,22 @@ def part_margins(logits, min_area: float, min_conf: float):
   k-th largest pixel margin is > 0; the margin itself is a differentiable measure of how present
   (> 0) or absent (< 0) a part is, for attacks aimed at UnMask (a soft version of K's rule).
   """
+  return top_pixel_margins(logits, min_area, min_conf)[..., -1]
+
+
+def top_pixel_margins(logits, min_area: float, min_conf: float):
+  """Per image and part, the k largest pixel margins, k = ceil(min_area): [N, P, k], descending.
+
+  The last one is `part_margins`. An attack that needs part p present must lift all k of them
+  above 0, one that needs it absent must push all k below 0: a hinge on all k (`dense` in
+  `defenses.unmask.part_agreement`) gives a gradient through k pixels per part instead of the
+  one pixel that the k-th largest margin alone depends on.
+  """
   m = pixel_margins(logits, min_conf)
   n, h, w, p = m.shape
   k = max(1, min(h * w, int(math.ceil(min_area))))
   flat = jnp.moveaxis(m.reshape(n, h * w, p), 1, 2)          # [N, P, H*W]
-  return jax.lax.top_k(flat, k)[0][..., k - 1]
+  return jax.lax.top_k(flat, k)[0]
 
 
 class PartRule:
@@ -97,12 +126,17 @@ def margins_of(parts_fn, x):
 
   `parts_fn` must be made by `part_extractor`.
   """
+  return top_margins_of(parts_fn, x)[..., -1]
+
+
+def top_margins_of(parts_fn, x):
+  """`top_pixel_margins` of K at x [N, P, k]; `parts_fn` must be made by `part_extractor`."""
   rule = getattr(parts_fn, 'func', None)
   if not isinstance(rule, PartRule):
     raise ValueError('This parts_fn has no differentiable surrogate: build it with '
                      'models.part_extraction.part_extractor(segment_fn, min_area, min_conf).')
   (segment_fn,) = parts_fn.args
-  return part_margins(segment_fn(x), rule.min_area, rule.min_conf)
+  return top_pixel_margins(segment_fn(x), rule.min_area, rule.min_conf)
 
 
 def soft_parts(parts_fn, x, temperature: float = 1.0):
