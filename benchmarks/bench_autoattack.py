@@ -37,7 +37,7 @@ loaded machine OpenMP threads spin). The machine is shared, so timings are noisy
   (long runs can be split over processes: --json FILE per run, --no-members then --members-only
   --json FILE, and --merge FILE... to write the markdown)
 
-Writes benchmarks/autoattack_results.md (--out) unless --no-write.
+Writes benchmarks/records/1_autoattack.md (--out; included in BENCHMARKS.md by report.py) unless --no-write.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ from unmask_jax.models import functional
 
 EPS = 8 / 255
 TITLE = '## AutoAttack vs torchattacks (same weights and images)'
-OUT = os.path.join(timing.REPO, 'benchmarks', 'autoattack_results.md')
+OUT = os.path.join(timing.REPO, 'benchmarks', 'records', '1_autoattack.md')
 MEMBERS = ('APGD-CE', 'APGD-T', 'FAB-T', 'Square')
 # Where trained weights are looked for, in order (the main job's output, then a scratch run of it).
 WEIGHT_DIRS = {

@@ -410,20 +410,25 @@ def markdown(rows, meta, names) -> str:
   lines += main_table(rows)
   lines += [''] + _goal_section(rows) + _findings(rows) + _levers_section(rows)
   lines += [NOTES, LOOP_FORM, DIP_DESIGN, EARLY_EXIT]
-  lines += autoattack_section()
+  lines += recorded_sections()
   return '\n'.join(lines) + '\n'
 
 
-AUTOATTACK_RESULTS = os.path.join(os.path.dirname(__file__), 'autoattack_results.md')
+RECORDS = os.path.join(os.path.dirname(__file__), 'records')
 
 
-def autoattack_section() -> list[str]:
-  """The AutoAttack-vs-torchattacks record (`benchmarks/bench_autoattack.py` writes it; a
-  separate, slower study that `run.py` does not re-run), included verbatim when present."""
-  if not os.path.exists(AUTOATTACK_RESULTS):
+def recorded_sections() -> list[str]:
+  """Studies that `run.py` does not re-run (slower or separate: AutoAttack vs torchattacks, both
+  cores, KDE vs scikit-learn), kept as markdown in benchmarks/records/ and included verbatim in
+  file-name order, so that regenerating BENCHMARKS.md keeps them."""
+  if not os.path.isdir(RECORDS):
     return []
-  with open(AUTOATTACK_RESULTS) as f:
-    return ['', f.read().rstrip('\n')]
+  out = []
+  for name in sorted(os.listdir(RECORDS)):
+    if name.endswith('.md'):
+      with open(os.path.join(RECORDS, name)) as f:
+        out += ['', f.read().rstrip('\n')]
+  return out
 
 
 NOTES = """## Method notes

@@ -764,9 +764,9 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', 'experiments/digits/config.py', 'experiments/digits/config.py '
-                                  '(":tiny" for the test variant).', lock_config=True)
+  from absl import flags
+  from unmask_jax import cli
+  cli.define_config('config', 'experiments/digits/config.py', 'experiments/digits/config.py '
+                    '(":tiny" for the test variant).')
   flags.DEFINE_string('workdir', 'runs/digits', 'Output directory (cached stages are reused).')
-  app.run(main)
+  cli.run(main)   # one-line errors and both CPU cores, as the other scripts
