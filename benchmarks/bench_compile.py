@@ -1,0 +1,612 @@
+"""Time to first result per attack: compile, first call, steady state; ours vs PyTorch eager.
+
+Issue #15: every iterative attack of the library (jax.jit) against the PyTorch eager references,
+at several step counts.
+
+For each attack and step count, on the SynthParts CNN victim (benchmarks/victims.py: trained
+weights from runs/main/m_cs3a when present, else a seeded random init; the output says which),
+128 SynthParts images, labels = the model's clean predictions, L∞ eps 8/255 and L2 eps 0.5 (as in
+benchmarks/bench_attacks.py):
+
+  compile       wall seconds of `jax.jit(fresh partial).lower(...).compile()` (tracing, lowering
+                and XLA compilation). A new `functools.partial` per measurement, so that no trace is
+                reused, and XLA's persistent compilation cache switched off, so that nothing comes
+                from disk: every attack and step count pays its full compilation.
+  first result  compile + the first call of the compiled attack (`block_until_ready`): what a user
+                waits for before the first x_adv.
+  steady        median wall seconds of `--repeats` further calls (interleaved with PyTorch's).
+  PyTorch       the eager reference of benchmarks/torch_attacks.py where one exists, on the same
+                weights (torch_models.from_nnx, logits checked to 1e-4), images, labels,
+                hyper-parameters and random start: its first call in this process and its
+                steady state. PyTorch has nothing to compile; its first call pays only one-off
+                kernel set-up.
+  loop form     how the library compiled the attack's loops at this step count, recorded while
+                tracing (unmask_jax.attacks.common: `iterate` -> current_loop_form, `iterate_until`
+                -> its unrolled prefix + while loop, `over_runs` -> unrolled or a while over runs).
+
+Attacks (registry names): fgsm (once: it has no steps), bim, pgd_linf, pgd_l2, mifgsm_linf,
+mifgsm_l2, apgd_linf, apgd_l2, apgd_t_linf, cw_l2 (steps per binary-search round, `--cw-rounds`
+rounds), deepfool, fab_t, square_linf (queries = the step count), autoattack (L∞ standard
+composite with steps = the step count and `--aa-queries` Square queries); also apgd_t_l2 and
+square_l2 on request. `adaptive` is not timed (it needs a defense to attack). foolbox is not a
+dependency: when it is not importable (the output says so) there are no foolbox timings.
+
+Goal (issue #15): no attack takes more than 30 s to compile at any step count on the 2-core CPU;
+a compile above that is flagged MISS in the table.
+
+Step counts above `--call-max-steps` are compiled only (no calls), to bound the run's length:
+on XLA:CPU every step above MAX_UNROLL = 100 runs in a rolled loop at ~85 ms per gradient step
+of batch 128, so one call of a 1000-step attack takes ~1.5 min (BENCHMARKS.md).
+
+  python3 -m benchmarks.bench_compile                    # 20, 100 (timed), 1000 (compile only)
+  python3 -m benchmarks.bench_compile --call-max-steps 1000 --repeats 3 2 0   # 1000 called too
+  python3 -m benchmarks.bench_compile --attacks pgd_linf cw_l2 --steps 20 --out /tmp/t.md
+  python3 -m benchmarks.bench_compile --smoke            # tiny model and batch, steps 2 and 3
+
+Writes a markdown section (default benchmarks/records/4_time_to_first_result.md, included verbatim
+in BENCHMARKS.md by benchmarks/report.py; --smoke writes to a temporary file unless --out is
+given) and, with --json, the raw results.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from benchmarks import report, timing, victims  # pylint: disable=wrong-import-position
+from unmask_jax import attacks  # pylint: disable=wrong-import-position
+from unmask_jax.attacks import common  # pylint: disable=wrong-import-position
+
+LINF_EPS = 8 / 255
+L2_EPS = 0.5  # as benchmarks/bench_attacks.py (32x32 images)
+GOAL_COMPILE_S = 30.0
+DEFAULT_OUT = os.path.join(REPO, 'benchmarks', 'records', '4_time_to_first_result.md')
+DEFAULT_STEPS = (20, 100, 1000)
+SMOKE_STEPS = (2, 3)
+SMOKE_ATTACKS = ('fgsm', 'pgd_linf', 'deepfool')
+# Columns of the markdown table (the test checks them).
+COLUMNS = ('attack', 'steps', 'loop form', 'compile s', 'first result s', 'steady s',
+           'PyTorch first s', 'PyTorch steady s', 'ratio steady (PyTorch / ours)',
+           'ratio first result (PyTorch / ours)', 'compile goal (<= 30 s)',
+           'success ours / PyTorch')
+
+
+# ---------------------------------------------------------------------------------------------
+# The attacks: registry parameters at a step count, and their PyTorch references.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+  """One attack of the benchmark.
+
+  params(steps, args) -> the registry parameters; torch(ta, m, x, y, x0, steps, args) -> x_adv
+  (NCHW tensors) or None without a reference; start: the reference's start point, 'random' (the
+  library's random start of restart 0) or 'clean'.
+  """
+  name: str
+  norm: str
+  eps: float | None
+  budget: str                 # what the step count counts: steps, per target, per round, queries
+  params: Callable
+  torch: Callable | None = None
+  start: str = 'clean'
+  stepless: bool = False      # fgsm: measured once
+
+
+def _alpha(eps, steps):
+  return common.default_step_size(eps, steps, None)
+
+
+def _cases() -> dict[str, Case]:
+  L, E = LINF_EPS, L2_EPS
+  cases = [
+      Case('fgsm', 'linf', L, 'one step', lambda s, a: dict(eps=L),
+           lambda ta, m, x, y, x0, s, a: ta.pgd(m, x, y, x, norm='linf', eps=L, step_size=L,
+                                                steps=1), stepless=True),
+      Case('bim', 'linf', L, 'steps', lambda s, a: dict(eps=L, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.pgd(m, x, y, x, norm='linf', eps=L,
+                                                step_size=_alpha(L, s), steps=s)),
+      Case('pgd_linf', 'linf', L, 'steps', lambda s, a: dict(eps=L, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.pgd(m, x, y, x0, norm='linf', eps=L,
+                                                step_size=_alpha(L, s), steps=s), 'random'),
+      Case('pgd_l2', 'l2', E, 'steps', lambda s, a: dict(eps=E, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.pgd(m, x, y, x0, norm='l2', eps=E,
+                                                step_size=_alpha(E, s), steps=s), 'random'),
+      Case('mifgsm_linf', 'linf', L, 'steps', lambda s, a: dict(eps=L, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.mifgsm(m, x, y, norm='linf', eps=L,
+                                                   step_size=_alpha(L, s), steps=s)),
+      Case('mifgsm_l2', 'l2', E, 'steps', lambda s, a: dict(eps=E, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.mifgsm(m, x, y, norm='l2', eps=E,
+                                                   step_size=_alpha(E, s), steps=s)),
+      Case('apgd_linf', 'linf', L, 'steps', lambda s, a: dict(eps=L, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.apgd(m, x, y, x0, norm='linf', eps=L, steps=s),
+           'random'),
+      Case('apgd_l2', 'l2', E, 'steps', lambda s, a: dict(eps=E, steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.apgd(m, x, y, x0, norm='l2', eps=E, steps=s),
+           'random'),
+      Case('apgd_t_linf', 'linf', L, 'per target', lambda s, a: dict(eps=L, steps=s)),
+      Case('apgd_t_l2', 'l2', E, 'per target', lambda s, a: dict(eps=E, steps=s)),
+      Case('cw_l2', 'l2', None, 'per round',
+           lambda s, a: dict(steps=s, binary_search_steps=a.cw_rounds,
+                             initial_const=a.cw_const),
+           lambda ta, m, x, y, x0, s, a: ta.cw_l2(m, x, y, steps=s,
+                                                  binary_search_steps=a.cw_rounds,
+                                                  initial_const=a.cw_const)),
+      Case('deepfool', 'l2', None, 'steps', lambda s, a: dict(steps=s),
+           lambda ta, m, x, y, x0, s, a: ta.deepfool(m, x, y, steps=s)),
+      Case('fab_t', 'linf', L, 'per target', lambda s, a: dict(eps=L, steps=s)),
+      Case('square_linf', 'linf', L, 'queries', lambda s, a: dict(eps=L, queries=s)),
+      Case('square_l2', 'l2', E, 'queries', lambda s, a: dict(eps=E, queries=s)),
+      Case('autoattack', 'linf', L, 'steps',
+           lambda s, a: dict(eps=L, steps=s, queries=a.aa_queries or s)),
+  ]
+  return {c.name: c for c in cases}
+
+
+CASES = _cases()
+DEFAULT_ATTACKS = tuple(n for n in CASES if n not in ('apgd_t_l2', 'square_l2'))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop form the library chose, recorded while tracing.
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def record_loop_forms():
+  """Records, while attacks are traced inside, how `unmask_jax.attacks.common` compiles their
+  loops; yields the list of events (strings, in trace order).
+
+  `iterate` -> '<current_loop_form(steps)> <steps>' (e.g. 'unrolled 20', 'scan 1000');
+  `iterate_until` -> 'unrolled <n>' when its unrolled prefix covers the loop, else
+  'exit <n> (<prefix> unrolled + while)'; `over_runs` -> '<runs> runs unrolled' or '<runs> runs in
+  a while'. The library's functions are wrapped (module attributes, which the attacks and common
+  itself look up at call time) and restored on exit; what they compute is unchanged.
+  """
+  names = ('iterate', 'iterate_until', 'over_runs', 'loop_until')
+  orig = {n: getattr(common, n) for n in names}
+  events: list[str] = []
+  in_exit = [0]  # > 0 while iterate_until (not over_runs) is about to call loop_until
+
+  def iterate(body, carry, steps):
+    events.append(f'{common.current_loop_form(steps)} {steps}')
+    return orig['iterate'](body, carry, steps)
+
+  def iterate_until(body, carry, steps, done, **kw):
+    in_exit[0] += 1
+    try:
+      return orig['iterate_until'](body, carry, steps, done, **kw)
+    finally:
+      in_exit[0] -= 1
+
+  def loop_until(body, carry, n, done, *, prefix=0, chunk=1):
+    exiting, in_exit[0] = in_exit[0], 0  # loops nested in the body are recorded on their own
+    try:
+      if exiting:
+        p = max(0, min(int(prefix), n))
+        events.append(f'unrolled {n}' if p >= n else f'exit {n} ({p} unrolled + while)')
+      return orig['loop_until'](body, carry, n, done, prefix=prefix, chunk=chunk)
+    finally:
+      in_exit[0] = exiting
+
+  def over_runs(body, carry, runs, steps_per_run, done):
+    form = common.current_loop_form(runs * steps_per_run)
+    events.append(f'{runs} runs unrolled' if form == 'unrolled' else f'{runs} runs in a while')
+    return orig['over_runs'](body, carry, runs, steps_per_run, done)
+
+  wrappers = {'iterate': iterate, 'iterate_until': iterate_until, 'over_runs': over_runs,
+              'loop_until': loop_until}
+  for n in names:
+    setattr(common, n, wrappers[n])
+  try:
+    yield events
+  finally:
+    for n in names:
+      setattr(common, n, orig[n])
+
+
+def summarize_loops(events: list[str]) -> str:
+  """The events in trace order, consecutive repeats counted: 'unrolled 20', 'scan 1000',
+  '2 runs unrolled; unrolled 20 x2', ...; 'single step' when the attack has no loop."""
+  if not events:
+    return 'single step'
+  runs = [(e, len(list(g))) for e, g in itertools.groupby(events)]
+  return '; '.join(e + (f' x{n}' if n > 1 else '') for e, n in runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement.
+# ---------------------------------------------------------------------------------------------
+def compile_fresh(spec, logits_fn, x, y, key) -> dict:
+  """Compiles a fresh `jax.jit` of the attack; returns the executable, timings and loop form."""
+  fn = jax.jit(spec.partial())  # a new functools.partial: no trace cache can hit
+  with record_loop_forms() as events:
+    t0 = time.perf_counter()
+    lowered = fn.lower(logits_fn, x, y, key)
+    t1 = time.perf_counter()
+  exe = lowered.compile()
+  t2 = time.perf_counter()
+  return {'exe': exe, 'lower_s': t1 - t0, 'xla_compile_s': t2 - t1, 'compile_s': t2 - t0,
+          'loop_events': list(events), 'loop_form': summarize_loops(events)}
+
+
+def _perturbation(norm, adv, x):
+  d = (adv - x).reshape(len(x), -1)
+  return np.abs(d).max(1) if norm == 'linf' else np.sqrt((d * d).sum(1))
+
+
+def _timing_dict(t: timing.Timing, first: float, repeats: int) -> dict:
+  """First call and steady state (None without timed calls) of one contender, with samples."""
+  steady = repeats > 0
+  return {'first_call': first, 'steady': t.wall if steady else None,
+          'steady_cpu': t.cpu if steady else None, 'walls': t.walls if steady else [],
+          'cpus': t.cpus if steady else []}
+
+
+def measure(case: Case, steps: int, call: bool, repeats: int, ctx: dict, args) -> dict:
+  """One row: compile (always), then (if `call`) the first call and `repeats` timed calls of ours
+  and of the PyTorch reference, interleaved."""
+  spec = attacks.parse_attack(case.name, **case.params(steps, args))
+  logits_fn, xj, yj, key, x, y = (ctx[k] for k in ('logits_fn', 'xj', 'yj', 'key', 'x', 'y'))
+  c = compile_fresh(spec, logits_fn, xj, yj, key)
+  exe = c.pop('exe')
+  row = {'attack': case.name, 'spec': str(spec), 'steps': None if case.stepless else steps,
+         'budget': case.budget, 'norm': case.norm, 'eps': case.eps, **c,
+         'goal_miss': c['compile_s'] > GOAL_COMPILE_S, 'called': call, 'repeats': repeats,
+         'ours': None, 'torch': None,
+         'torch_reference': 'none in benchmarks/torch_attacks.py' if case.torch is None else
+         ('torch not installed' if ctx['tmodel'] is None else 'torch_attacks')}
+  print(f'  {case.name} {row["steps"] or ""}: compile {c["compile_s"]:.1f} s '
+        f'(lower {c["lower_s"]:.1f} + XLA {c["xla_compile_s"]:.1f}); loop form: {c["loop_form"]}'
+        + ('  ** over the 30 s goal **' if row['goal_miss'] else ''), flush=True)
+  if not call:
+    return row
+  fns = {'ours': lambda: exe(logits_fn, xj, yj, key)}
+  has_torch = case.torch is not None and ctx['tmodel'] is not None
+  if has_torch:
+    from benchmarks import torch_attacks as ta  # pylint: disable=import-outside-toplevel
+    from benchmarks import torch_models  # pylint: disable=import-outside-toplevel
+    if case.start == 'random':  # restart 0 of the library starts from fold_in(key, 0)
+      x0 = np.asarray(common.random_start(case.norm, jax.random.fold_in(key, 0), xj, case.eps))
+      x0t = torch_models.to_torch_images(x0, channels_last=True)
+    else:
+      x0t = ctx['xt']
+    tm, xt, yt = ctx['tmodel'], ctx['xt'], ctx['yt']
+    ref = lambda: case.torch(ta, tm, xt, yt, x0t, steps, args)
+    if args.torch_threads:  # one thread count, as asked
+      fns['torch'] = timing.with_threads(ctx['torch_module'], args.torch_threads, ref)
+    else:  # all cores and 1 thread; the slower is dropped after its first call (timing.py)
+      fns.update(timing.torch_contenders(ctx['torch_module'], ref, 'torch'))
+  outs = {}
+  pair = timing.torch_pair('torch') if has_torch and not args.torch_threads else ()
+  if repeats > 0:
+    t = timing.compare(fns, repeats=repeats, warmup=1, budget_s=args.budget_s,
+                       alternatives=pair, outputs=outs)
+    firsts = {n: t[n].first_call for n in fns}
+  else:  # first calls only
+    t, firsts = {}, {}
+    for n, f in fns.items():
+      wall, cpu, outs[n] = timing.timed_call(f)
+      firsts[n] = wall
+      t[n] = timing.Timing(wall, cpu, [], [], wall)  # no steady-state samples
+  threads = args.torch_threads or timing.cores()
+  if pair:  # the faster of the two PyTorch thread counts (by steady state, or first call)
+    best, threads = timing.best_torch(t, 'torch')
+    name = 'torch_1t' if threads == 1 and 'torch_1t' in t else 'torch'
+    row['torch_all_threads'] = _timing_dict(t['torch'], firsts['torch'], repeats)
+    if 'torch_1t' in t:
+      row['torch_1_thread'] = _timing_dict(t['torch_1t'], firsts['torch_1t'], repeats)
+    t['torch'], firsts['torch'], outs['torch'] = best, firsts[name], outs.get(name, outs['torch'])
+  row['ours'] = _timing_dict(t['ours'], firsts['ours'], repeats)
+  row['ours']['first_result'] = c['compile_s'] + firsts['ours']
+  adv = np.asarray(outs['ours'])
+  succ = victims.predictions(logits_fn, adv) != y
+  row['success_ours'] = float(succ.mean())
+  if case.eps is not None:
+    size = _perturbation(case.norm, adv, x).max()
+    row['max_perturbation'] = float(size)
+    row['eps_exceeded'] = bool(size > case.eps * (1 + 1e-5) + 1e-6)
+  if has_torch:
+    from benchmarks import torch_models  # pylint: disable=import-outside-toplevel
+    row['torch'] = _timing_dict(t['torch'], firsts['torch'], repeats)
+    row['torch_threads'] = threads
+    adv_t = torch_models.to_nhwc(outs['torch'])
+    row['success_torch'] = float((victims.predictions(logits_fn, adv_t) != y).mean())
+  o, r = row['ours'], row['torch']
+  print(f'    ours: first result {o["first_result"]:.2f} s (first call {o["first_call"]:.2f} s)'
+        + (f', steady {o["steady"]:.3f} s' if o['steady'] is not None else '')
+        + (f'; PyTorch: first {r["first_call"]:.2f} s'
+           + (f', steady {r["steady"]:.3f} s' if r['steady'] is not None else '') if r else '')
+        + f'; success ours {100 * row["success_ours"]:.0f}%'
+        + (f', PyTorch {100 * row["success_torch"]:.0f}%' if r else ''), flush=True)
+  return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------------------------
+def _s(v) -> str:
+  if v is None:
+    return '-'
+  if v >= 100:
+    return f'{v:,.0f}'
+  if v >= 10:
+    return f'{v:.1f}'
+  if v >= 0.1:
+    return f'{v:.2f}'
+  return f'{v:.3g}'
+
+
+def _ratio(a, b) -> str:
+  return f'{_s(a / b)}x' if a is not None and b else '-'
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+  out = []
+  for r in rows:
+    o, t = r['ours'], r['torch']
+    steps = '-' if r['steps'] is None else f'{r["steps"]:,}'
+    if r['budget'] not in ('steps', 'one step') and r['steps'] is not None:
+      steps += f' {r["budget"]}'
+    if not r['called']:
+      first = steady = 'compile only'
+      t_first = t_steady = ratio_s = ratio_f = '-'
+      success = '-'
+    else:
+      first, steady = _s(o['first_result']), _s(o['steady'])
+      if t is None:
+        t_first = t_steady = r['torch_reference']
+        ratio_s = ratio_f = '-'
+      else:
+        t_first, t_steady = _s(t['first_call']), _s(t['steady'])
+        th = f' ({r["torch_threads"]} thread{"s" * (r["torch_threads"] > 1)})'
+        t_first += th
+        t_steady += th if t['steady'] is not None else ''
+        ratio_s = _ratio(t['steady'], o['steady'])
+        ratio_f = _ratio(t['first_call'], o['first_result'])
+      success = f'{100 * r["success_ours"]:.0f}%'
+      success += f' / {100 * r["success_torch"]:.0f}%' if 'success_torch' in r else ' / -'
+      if r.get('eps_exceeded'):
+        success += ' (ours exceeds eps!)'
+    goal = f'**MISS** ({r["compile_s"]:.1f} s)' if r['goal_miss'] else 'met'
+    out.append([r['attack'], steps, r['loop_form'], _s(r['compile_s']), first, steady, t_first,
+                t_steady, ratio_s, ratio_f, goal, success])
+  return out
+
+
+def _where(r: dict) -> str:
+  return r['attack'] if r['steps'] is None else f'{r["attack"]} at {r["steps"]:,} {r["budget"]}'
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+  misses = [r for r in rows if r['goal_miss']]
+  worst = max(rows, key=lambda r: r['compile_s']) if rows else None
+  lines = [
+      f'## Time to first result: compile, first call and steady state per attack '
+      f'(`benchmarks/bench_compile.py`, measured {meta["date"]})', '',
+      f'Command: `{meta["command"]}` ({meta["duration_s"] / 60:.1f} min). '
+      f'{meta["victim"]}, batch {meta["batch"]} {meta["size"]}x{meta["size"]}, labels = its clean '
+      f'predictions; L∞ eps 8/255, L2 eps {L2_EPS}. Compile = wall time of `jax.jit(fresh '
+      'partial).lower(...).compile()` (tracing + lowering + XLA), XLA\'s persistent compilation '
+      f'cache off ({meta["compilation_cache"]}); first result = compile + the first call; '
+      f'steady = median wall time of {meta["repeats_text"]} further calls after it (interleaved '
+      'with PyTorch\'s, `block_until_ready`; fewer when a measurement passed '
+      f'{meta["budget_s"]:.0f} s); step counts above {meta["call_max_steps"]} were compiled only. '
+      f'PyTorch: the eager references of `benchmarks/torch_attacks.py` on the same weights '
+      f'({meta["torch_note"]}), images, labels, hyper-parameters and random start, '
+      f'{meta["torch_threads"]}; its "first" is its first call at that thread count in this '
+      'process (nothing to compile). Ratios: PyTorch time / ours (above 1: ours faster). foolbox: '
+      f'{meta["foolbox"]}.', '',
+      f'- Date: {meta["started"]} to {meta["finished"]}; load average (1/5/15 min, as `uptime`) '
+      f'{meta["load_start"]} at the start, {meta["load_end"]} at the end',
+      f'- Machine: {meta["cpu"]}; JAX device: {meta["device"]} ({meta["jax_devices"]} JAX '
+      f'device(s)); XLA_FLAGS {meta["xla_flags"]}',
+      '- Versions: ' + ', '.join(f'{k} {v}' for k, v in meta['versions'].items()),
+      f'- Library loop settings: LOOP_FORM = {meta["loop"]["LOOP_FORM"]!r}, MAX_UNROLL = '
+      f'{meta["loop"]["MAX_UNROLL"]}, EXIT_PREFIX = {meta["loop"]["EXIT_PREFIX"]}; '
+      f'CW-L2: {meta["cw_rounds"]} binary-search rounds, initial const {meta["cw_const"]}; '
+      f'AutoAttack: L∞ standard, Square queries {meta["aa_queries"]}', '',
+      '| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+  lines += ['| ' + ' | '.join(c) + ' |' for c in table_rows(rows)]
+  lines.append('')
+  if worst is not None:
+    if misses:
+      lines.append(f'Goal (every attack compiles in at most {GOAL_COMPILE_S:.0f} s at any step '
+                   'count): **not met**: ' + ', '.join(
+                       f'{_where(r)} ({r["compile_s"]:.1f} s)' for r in misses)
+                   + '.')
+    else:
+      lines.append(f'Goal (every attack compiles in at most {GOAL_COMPILE_S:.0f} s at any step '
+                   f'count): met; longest: {_where(worst)}, {worst["compile_s"]:.1f} s.')
+  lines += [
+      '',
+      'Loop form, as recorded while tracing: `unrolled N` / `scan N` = `common.iterate` over N '
+      'steps, unrolled into the program or a rolled `lax.scan` (above MAX_UNROLL steps per '
+      'program); `exit N (P unrolled + while)` = `common.iterate_until`: P steps unrolled, the '
+      'rest a while loop that stops once every example is done; `R runs unrolled` / `R runs in a '
+      'while` = `common.over_runs` over CW\'s rounds or the target runs of APGD-T / FAB-T '
+      '(a while loop stops once every example is fooled); `xK` = K consecutive copies in the '
+      'program (e.g. one per round or target); events in trace order.',
+      '']
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------------------------
+def _victim(smoke: bool):
+  if not smoke:
+    return victims.cnn_small(trained=True), 128, 32
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from unmask_jax import models  # pylint: disable=import-outside-toplevel
+  from unmask_jax.models import functional  # pylint: disable=import-outside-toplevel
+  model = models.create('cnn_small', num_classes=3, rngs=nnx.Rngs(0), widths=(4, 8, 8),
+                        feature_dim=16)
+  model.eval()
+  v = victims.Victim('cnn_small (smoke: widths 4-8-8)', model, functional.logits_fn(model),
+                     'random init (seed 0)', functional.param_count(model))
+  return v, 4, 32
+
+
+def _repeats_for(args, steps: list[int]) -> dict[int, int]:
+  if args.repeats is None:
+    if args.smoke:
+      return {s: 1 for s in steps}
+    return {s: 3 if s <= 20 else 2 if s <= 100 else 1 for s in steps}
+  if len(args.repeats) == 1:
+    return {s: args.repeats[0] for s in steps}
+  if len(args.repeats) != len(steps):
+    raise SystemExit(f'--repeats takes one value or one per --steps value ({len(steps)}), '
+                     f'got {len(args.repeats)}')
+  return dict(zip(steps, args.repeats))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python3 -m benchmarks.bench_compile', description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n', 2)[2])
+  parser.add_argument('--smoke', action='store_true',
+                      help='seconds-long toy run: a 4-8-8 CNN, batch 4 at 32x32, steps 2 and 3, '
+                      f'attacks {" ".join(SMOKE_ATTACKS)}, 1 repeat; writes to a temporary file '
+                      'unless --out is given')
+  parser.add_argument('--steps', nargs='+', type=int, metavar='N',
+                      help=f'step counts (default {" ".join(map(str, DEFAULT_STEPS))}; smoke '
+                      f'{" ".join(map(str, SMOKE_STEPS))})')
+  parser.add_argument('--attacks', nargs='+', choices=list(CASES), metavar='NAME',
+                      help=f'attacks to time (default: {" ".join(DEFAULT_ATTACKS)}); also '
+                      'apgd_t_l2, square_l2')
+  parser.add_argument('--repeats', nargs='+', type=int, metavar='R',
+                      help='timed calls after the first, per step count (one value for all, or '
+                      'one per --steps value; 0: first call only). Default 3 at <= 20 steps, 2 at '
+                      '<= 100, 1 above; smoke 1')
+  parser.add_argument('--call-max-steps', type=int, default=100, metavar='N',
+                      help='call (first result, steady state, PyTorch) only at step counts <= N; '
+                      'larger ones are compiled only (default 100: a 1000-step call takes '
+                      '~1.5 min on 2 cores)')
+  parser.add_argument('--budget-s', type=float, default=60.0,
+                      help='stop adding timed calls to a measurement after this many seconds (at '
+                      'least one round runs; default 60)')
+  parser.add_argument('--cw-rounds', type=int, default=2,
+                      help='CW-L2 binary-search rounds (default 2, as BENCHMARKS.md row 2; the '
+                      'library default is 9)')
+  parser.add_argument('--cw-const', type=float, default=0.1,
+                      help='CW-L2 initial constant (default 0.1, as row 2)')
+  parser.add_argument('--aa-queries', type=int, default=None,
+                      help='Square queries inside AutoAttack (default 5000, the standard '
+                      'version; smoke: the step count)')
+  parser.add_argument('--torch-threads', type=int, default=None,
+                      help='PyTorch intra-op threads (default: all cores)')
+  parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch references')
+  parser.add_argument('--out', help=f'markdown file to write (default '
+                      f'{os.path.relpath(DEFAULT_OUT, REPO)}; smoke: a temporary file)')
+  parser.add_argument('--json', help='also write the raw results to this JSON file (rewritten '
+                      'after every row, so an interrupted run keeps its rows)')
+  args = parser.parse_args(argv)
+
+  steps = list(args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS))
+  if any(s < 1 for s in steps):
+    parser.error('--steps must be >= 1')
+  names = list(args.attacks or (SMOKE_ATTACKS if args.smoke else DEFAULT_ATTACKS))
+  repeats = _repeats_for(args, steps)
+  if args.aa_queries is None and not args.smoke:
+    args.aa_queries = 5000
+  out = args.out or (os.path.join(tempfile.mkdtemp(prefix='bench_compile_'), 'compile.md')
+                     if args.smoke else DEFAULT_OUT)
+  command = 'python3 -m benchmarks.bench_compile' + (
+      ' ' + ' '.join(argv if argv is not None else sys.argv[1:])).rstrip()
+
+  # Nothing may come from XLA's persistent compilation cache (on only if a directory is set).
+  jax.config.update('jax_enable_compilation_cache', False)
+  jax.config.update('jax_compilation_cache_dir', None)
+  cache = (f'jax_enable_compilation_cache={jax.config.jax_enable_compilation_cache}, '
+           f'jax_compilation_cache_dir={jax.config.jax_compilation_cache_dir}')
+
+  torch = None if args.no_torch else timing.torch_or_none()
+  try:
+    import foolbox  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    foolbox_note = 'importable, but not timed here (no foolbox contenders in this benchmark)'
+  except ImportError:
+    foolbox_note = 'not installed here (not a dependency), so no foolbox timings'
+
+  meta = report.environment(command, timing.Settings(smoke=args.smoke))
+  meta.update(date=timing.today(), load_end=None, finished=None, duration_s=0.0,
+              compilation_cache=cache, foolbox=foolbox_note, budget_s=args.budget_s,
+              call_max_steps=args.call_max_steps, cw_rounds=args.cw_rounds,
+              cw_const=args.cw_const, aa_queries=args.aa_queries or 'the step count',
+              torch_threads=(f'{args.torch_threads} thread(s)' if args.torch_threads else
+                             f'on all {timing.cores()} cores and on 1 thread, the faster of the '
+                             'two per row (slower one dropped after its first call; thread count '
+                             'in the cells)'),
+              jax_devices=jax.device_count(), steps=steps, attacks=names,
+              repeats={str(k): v for k, v in repeats.items()},
+              loop={'LOOP_FORM': common.LOOP_FORM, 'MAX_UNROLL': common.MAX_UNROLL,
+                    'EXIT_PREFIX': common.EXIT_PREFIX})
+  called = [s for s in steps if s <= args.call_max_steps]
+  meta['repeats_text'] = ', '.join(f'{repeats[s]} (at {s})' for s in called) or 'no'
+  t_start = time.time()
+  print(f'{meta["device"]}, {meta["cpu"]}; jax {meta["versions"]["jax"]}, torch '
+        f'{meta["versions"]["torch"]}; load average {meta["load_start"]}; foolbox: '
+        f'{foolbox_note}; {cache}', flush=True)
+
+  victim, batch, size = _victim(args.smoke)
+  x = victims.images(batch, size=size)['image']
+  y = victims.predictions(victim.logits_fn, x)  # also warms up JAX's backend before timing
+  ctx = {'logits_fn': victim.logits_fn, 'x': x, 'y': y, 'xj': jnp.asarray(x),
+         'yj': jnp.asarray(y), 'key': jax.random.key(0), 'tmodel': None,
+         'torch_module': torch}
+  meta.update(victim=f'{victim.name} ({victim.params:,} params, {victim.weights})', batch=batch,
+              size=size, torch_note='torch not installed' if torch is None else '')
+  if torch is not None:
+    from benchmarks import torch_models  # pylint: disable=import-outside-toplevel
+    ctx['tmodel'] = torch_models.from_nnx(victim.model)
+    diff = torch_models.check_same_logits(victim.model, ctx['tmodel'], x)
+    meta['torch_note'] = f'`torch_models.from_nnx`, max |logit difference| {diff:.1e}'
+    ctx['xt'] = torch_models.to_torch_images(x, channels_last=True)
+    ctx['yt'] = torch.from_numpy(y).long()
+  print(f'{meta["victim"]}, batch {batch} {size}x{size}; steps {steps}; repeats '
+        f'{meta["repeats"]}; calls at <= {args.call_max_steps} steps', flush=True)
+
+  rows = []
+  for name in names:
+    case = CASES[name]
+    for s in (steps[:1] if case.stepless else steps):
+      if case.stepless:  # one step whatever the step counts: always called
+        call, r = True, max(repeats.values())
+      else:
+        call = s <= args.call_max_steps
+        r = repeats[s] if call else 0
+      rows.append(measure(case, s, call, r, ctx, args))
+      if args.json:
+        _dump(args.json, rows, meta)
+  meta.update(load_end=timing.load_average(), finished=timing.now(),
+              duration_s=time.time() - t_start)
+  text = markdown(rows, meta)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, 'w') as f:
+    f.write(text)
+  if args.json:
+    _dump(args.json, rows, meta)
+  print('\n' + text, flush=True)
+  print(f'wrote {out} ({len(rows)} rows) in {meta["duration_s"]:.0f} s', flush=True)
+  return 0
+
+
+def _dump(path: str, rows: list[dict], meta: dict) -> None:
+  with open(path, 'w') as f:
+    json.dump({'meta': meta, 'rows': rows}, f, indent=1, default=str)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
