@@ -293,17 +293,14 @@ def map_chunks(fn: Callable, x, chunk: int) -> dict[str, np.ndarray]:
   """Applies `fn(x_chunk, chunk_index) -> dict of [chunk, ...] arrays` over fixed-size chunks.
 
   The last chunk is padded (by `pipeline.batches`, repeating row 0) so a jitted `fn` sees one shape
-  only; padded rows are dropped from the concatenated numpy outputs. Each chunk's rows are sharded
-  over the local devices (`parallel.run_sharded`; one device: a plain call).
+  only; padded rows are dropped from the concatenated numpy outputs.
   """
   if chunk < 1:
     raise ValueError(f'chunk must be >= 1, got {chunk}')
-  from unmask_jax import parallel
   x = np.asarray(x)
   outs: list[dict] = []
   for i, batch in enumerate(pipeline.batches({'x': x}, chunk, remainder='pad')):
-    # The chunk split over all local devices (both cores on a CPU, `unmask_jax.parallel`).
-    out = parallel.run_sharded(fn, batch['x'], i, batch_argnums=(0,))
+    out = fn(batch['x'], i)
     outs.append({k: np.asarray(v)[batch['valid']] for k, v in out.items()})
   if not outs:
     raise ValueError('Cannot score an empty batch of images.')
