@@ -33,7 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The evaluation's adaptive block with this study's budget (every key is documented there).
   c.adaptive = main_eval.adaptive
   c.adaptive.update({'steps': 50, 'restarts': 1, 'step_fraction': 0.25,
-                     'attacks': ('PGD-Linf-8', 'PGD-Linf-16'), 'extra_defenses': (),
+                     'attacks': ('PGD-Linf-8', 'PGD-Linf-16'),
+                     'defenses': (), 'class_sets': (),   # this study's own lists (above)
                      'budget_check': {'n_images': 0}})
-  c.adaptive.small = ml_collections.ConfigDict()   # the full budget for every defense
+  # Deep Protection too, on few images and steps: DIP restores every image at every attack step
+  # (BPDA + EOT), ~50 s per attack for 8 images x 5 steps on 2 cores.
+  c.adaptive.extra_defenses = ('deep_protection(iters=100, widths=(16, 32), chunk=16)',)
+  c.adaptive.small = ml_collections.ConfigDict(
+      {'deep_protection': {'n_images': 8, 'steps': 5, 'n_calibration': 32}})
   return c

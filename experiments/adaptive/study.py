@@ -62,10 +62,11 @@ def run_class_set(cfg, cs: str, parts_fn) -> dict:
   fit_data = {'image': data_pipeline.to_float(train.arrays['image']), 'label': train.arrays['label']}
   x_val = data_pipeline.to_float(val.arrays['image'])
   det_states = {}
+  states_dir = os.path.join(root_dir, 'eval')   # the evaluation's cache of fitted states
   for name in cfg.defenses:
     d = evaluate.make_defense(name)
     det_states[name] = (d, evaluate.fitted_states(d, name, ctx, fit_data, x_val, None, adv, root,
-                                                  cs, os.path.join(root_dir, 'eval')))
+                                                  cs, states_dir))
   n = min(int(cfg.n_images), len(test))
   x_test, y_test = data_pipeline.to_float(test.arrays['image'])[:n], test.arrays['label'][:n]
   adv = {label: {**r, 'norm': index['attacks'][label]['norm'], 'eps': index['attacks'][label]['eps']}
@@ -83,7 +84,8 @@ def run_class_set(cfg, cs: str, parts_fn) -> dict:
         acfg, det_states, ctx, x_test[sl], y_test[sl], part_adv, {},
         named_key(root, cs, 'adaptive', *([start] if start else [])),
         make_defense=evaluate.make_defense,
-        fit=None)
+        fit=lambda d, spec, n_cal: evaluate.fitted_states(
+            d, spec, ctx, fit_data, x_val[:n_cal], None, adv, root, cs, states_dir))
     for name, by_label in out.items():
       for label, row in by_label.items():
         rows.setdefault(name, {}).setdefault(label, []).append(row)
