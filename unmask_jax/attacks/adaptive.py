@@ -126,6 +126,26 @@ def _project_out(a, b):
   return a - coef * b
 
 
+def _term_gradients(logits_fn, target, num_classes, kappa, corrector, yt, x, key):
+  """The fooling margin m, the hiding term h and their per-example gradients, flattened [N, D]
+  (examples do not interact, so a vjp with ones gives every example's own gradient)."""
+  m, m_vjp = jax.vjp(lambda xx: _fool_term(logits_fn, num_classes, yt, xx), x)
+  (gm,) = m_vjp(jnp.ones_like(m))
+  h, h_vjp = jax.vjp(lambda xx: _hide_term(target, num_classes, kappa, corrector, yt, xx, key),
+                     x)
+  (gh,) = h_vjp(jnp.ones_like(h))
+  n = x.shape[0]
+  return m, h, gm.reshape(n, -1), gh.reshape(n, -1)
+
+
+def _with_gradient(value, g, x):
+  """`value` whose gradient with respect to x is g: value + <x, g> - <x, g> with stop-gradients,
+  so the base attack ascends g without a special case."""
+  g = jax.lax.stop_gradient(g.reshape(x.shape))
+  inner = jnp.sum((x * g).reshape(x.shape[0], -1), -1)
+  return jax.lax.stop_gradient(value) + inner - jax.lax.stop_gradient(inner)
+
+
 def _orthogonal_objective(logits_fn, target, num_classes, kappa, corrector, yt, x, key):
   """The selective objective's value with the gradient of orthogonal PGD (Bryniarski et al.
   2022): while M is not fooled, the fooling gradient minus its component along the hiding
@@ -133,52 +153,31 @@ def _orthogonal_objective(logits_fn, target, num_classes, kappa, corrector, yt, 
   gradient minus its component along the fooling one. Sign steps (L-inf) of either term alone
   can undo the other forever (e.g. a detector of the mean pixel against a victim whose weights
   all have one sign); the projection removes that conflict.
-
-  The returned value is J(x) and its gradient is the projected one: J + <x, g> - <x, g> with
-  stop-gradients, so the base attack needs no special case.
   """
-  # Per-example gradients of each term (examples do not interact, so a vjp with ones suffices).
-  m, m_vjp = jax.vjp(lambda xx: _fool_term(logits_fn, num_classes, yt, xx), x)
-  (gm,) = m_vjp(jnp.ones_like(m))
-  h, h_vjp = jax.vjp(lambda xx: _hide_term(target, num_classes, kappa, corrector, yt, xx, key),
-                     x)
-  (gh,) = h_vjp(jnp.ones_like(h))
-  n = x.shape[0]
-  gm_f, gh_f = gm.reshape(n, -1), gh.reshape(n, -1)
-  fooling = (m < kappa)[:, None]
-  g = jnp.where(fooling, _project_out(gm_f, gh_f), _project_out(gh_f, gm_f)).reshape(x.shape)
-  g = jax.lax.stop_gradient(g)
-  value = jax.lax.stop_gradient(jnp.where(m < kappa, m, kappa + h))
-  inner = jnp.sum((x * g).reshape(n, -1), -1)
-  return value + inner - jax.lax.stop_gradient(inner)
+  m, h, gm, gh = _term_gradients(logits_fn, target, num_classes, kappa, corrector, yt, x, key)
+  g = jnp.where((m < kappa)[:, None], _project_out(gm, gh), _project_out(gh, gm))
+  return _with_gradient(jnp.where(m < kappa, m, kappa + h), g, x)
 
 
 def _balanced_objective(logits_fn, target, num_classes, kappa, corrector, yt, x, key):
   """Both conditions at every step, with equal weight: value min(m, kappa) + h and gradient
   g_m / |g_m| [m < kappa] + g_h / |g_h| (per example; m the fooling margin, h the hiding term).
 
-  For defenses whose evidence does not come from M's own features (UnMask's part model K), the
-  two terms barely conflict, and following both at once beats the selective objective's
-  alternation, which spends the steps after every lapse of M's margin on M alone (UnMask, CS3a,
-  16/255, 64 images x 20 steps: 0.73 vs 0.59 attack success; the measurements are in the README's
-  adaptive section). The normalisation keeps one term's larger gradient from deciding every sign.
+  Meant for defenses whose evidence does not come from M's own features (UnMask's part model
+  K), where the two terms barely conflict and the selective objective's alternation spends the
+  steps after every lapse of M's margin on M alone. Measured on UnMask (CS3a, 16/255, 64 images):
+  0.63 vs 0.59 attack success with 20 steps of PGD's default size, the same 0.94 with 50 steps of
+  eps / 4, so 'selective' stays the default. It also solves the toy defense of
+  tests/test_adaptive.py. The normalisation keeps one term's larger gradient from deciding every
+  sign.
   """
-  m, m_vjp = jax.vjp(lambda xx: _fool_term(logits_fn, num_classes, yt, xx), x)
-  (gm,) = m_vjp(jnp.ones_like(m))
-  h, h_vjp = jax.vjp(lambda xx: _hide_term(target, num_classes, kappa, corrector, yt, xx, key),
-                     x)
-  (gh,) = h_vjp(jnp.ones_like(h))
-  n = x.shape[0]
-  gm_f, gh_f = gm.reshape(n, -1), gh.reshape(n, -1)
+  m, h, gm, gh = _term_gradients(logits_fn, target, num_classes, kappa, corrector, yt, x, key)
 
   def unit(g):
     return g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + 1e-20)
 
-  g = (jnp.where((m < kappa)[:, None], unit(gm_f), 0.0) + unit(gh_f)).reshape(x.shape)
-  g = jax.lax.stop_gradient(g)
-  value = jax.lax.stop_gradient(jnp.minimum(m, kappa) + h)
-  inner = jnp.sum((x * g).reshape(n, -1), -1)
-  return value + inner - jax.lax.stop_gradient(inner)
+  g = jnp.where((m < kappa)[:, None], unit(gm), 0.0) + unit(gh)
+  return _with_gradient(jnp.minimum(m, kappa) + h, g, x)
 
 
 OBJECTIVES = {'selective': _objective, 'orthogonal': _orthogonal_objective,
