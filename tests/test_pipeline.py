@@ -24,7 +24,13 @@ def quick_run(tmp_path_factory):
   return wd, c, report
 
 
-def test_quick_main_job_writes_report_with_all_sections(quick_run):
+@pytest.fixture(scope='module')
+def quick_results(quick_run):
+  """results.json of the quick job as first written (later tests re-run stages in its workdir)."""
+  return json.load(open(os.path.join(quick_run[0], 'eval', 'results.json')))
+
+
+def test_quick_main_job_writes_report_with_all_sections(quick_run, quick_results):
   wd, c, report = quick_run
   text = open(report).read()
   for section in ('## Findings', '## Headline: attack success, per-image worst case',
@@ -85,6 +91,35 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run):
     assert 0.0 <= v <= 1.0
   assert cs3a['overlap'] == pytest.approx(2 / 29)
 
+
+def test_adaptive_study_reproduces_the_evaluations_adaptive_rows(quick_run, quick_results,
+                                                                 tmp_path):
+  """experiments/adaptive with the quick job's adaptive budget, in one batch: the evaluation's
+  fitted states, images and key, hence its numbers; in two batches, rows merged by image count.
+  (Before test_second_run_skips_finished_stages, which re-runs the evaluation with another
+  max_fit in the same workdir.)"""
+  from experiments.adaptive import config as adaptive_config
+  from experiments.adaptive import study as adaptive_study
+  wd, c, _ = quick_run
+  cfg = adaptive_config.get_config()
+  cfg.main_workdir, cfg.data_dir, cfg.max_fit = wd, c.data_dir, c.evaluate.max_fit
+  cfg.class_sets, cfg.defenses = ('cs3a',), tuple(c.evaluate.adaptive.defenses)
+  cfg.adaptive = c.evaluate.adaptive
+  cfg.n_images = cfg.batch_size = int(c.evaluate.adaptive.n_images)
+  result = adaptive_study.run_study(cfg, str(tmp_path / 'one'))
+  expected = quick_results['class_sets']['cs3a']['adaptive']
+  for name in cfg.defenses:
+    got = result['class_sets']['cs3a'][name]['PGD-Linf-8']
+    want = expected[name]['PGD-Linf-8']
+    for k in ('adaptive_success', 'graybox_success', 'worst_case_success', 'threshold', 'm_fooled'):
+      assert got[k] == pytest.approx(want[k]), (name, k)
+  text = open(tmp_path / 'one' / adaptive_study.REPORT_MD).read()
+  assert '| CS3A | unmask | PGD-Linf-8 |' in text and 'Threat model: white-box' in text
+  cfg.batch_size = 5                       # 12 images: batches of 5, 5 and 2
+  rows = adaptive_study.run_study(cfg, str(tmp_path / 'three'))['class_sets']['cs3a']
+  row = rows['kde']['PGD-Linf-8']
+  assert row['n_images'] == 12 and len(row['auc_per_batch']) == 3
+  assert 0.0 <= row['adaptive_success'] <= row['worst_case_success'] <= 1.0
 
 def test_second_run_skips_finished_stages(quick_run):
   wd, c, report = quick_run
@@ -162,30 +197,3 @@ def test_paper_attack_list_rescales_l2_eps():
   assert eps == pytest.approx(300 / 255 * (32 / 150))
   assert parse_attack(specs['PGD-Linf-16']).eps == pytest.approx(16 / 255)
 
-
-def test_adaptive_study_reproduces_the_evaluations_adaptive_rows(quick_run, tmp_path):
-  """experiments/adaptive with the quick job's adaptive budget, in one batch: the evaluation's
-  fitted states, images and key, hence its numbers; in two batches, rows merged by image count."""
-  from experiments.adaptive import config as adaptive_config
-  from experiments.adaptive import study as adaptive_study
-  wd, c, _ = quick_run
-  cfg = adaptive_config.get_config()
-  cfg.main_workdir, cfg.data_dir, cfg.max_fit = wd, c.data_dir, c.evaluate.max_fit
-  cfg.class_sets, cfg.defenses = ('cs3a',), tuple(c.evaluate.adaptive.defenses)
-  cfg.adaptive = c.evaluate.adaptive
-  cfg.n_images = cfg.batch_size = int(c.evaluate.adaptive.n_images)
-  result = adaptive_study.run_study(cfg, str(tmp_path / 'one'))
-  evaluation = json.load(open(os.path.join(wd, 'eval', 'results.json')))
-  expected = evaluation['class_sets']['cs3a']['adaptive']
-  for name in cfg.defenses:
-    got = result['class_sets']['cs3a'][name]['PGD-Linf-8']
-    want = expected[name]['PGD-Linf-8']
-    for k in ('adaptive_success', 'graybox_success', 'worst_case_success', 'threshold', 'm_fooled'):
-      assert got[k] == pytest.approx(want[k]), (name, k)
-  text = open(tmp_path / 'one' / adaptive_study.REPORT_MD).read()
-  assert '| CS3A | unmask | PGD-Linf-8 |' in text and 'Threat model: white-box' in text
-  cfg.batch_size = 5                       # 12 images: batches of 5, 5 and 2
-  rows = adaptive_study.run_study(cfg, str(tmp_path / 'three'))['class_sets']['cs3a']
-  row = rows['kde']['PGD-Linf-8']
-  assert row['n_images'] == 12 and len(row['auc_per_batch']) == 3
-  assert 0.0 <= row['adaptive_success'] <= row['worst_case_success'] <= 1.0
