@@ -45,7 +45,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 import types
@@ -57,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import timing, victims
+from benchmarks import report, timing, victims
 from unmask_jax import attacks, models
 from unmask_jax.models import functional
 
@@ -335,20 +334,9 @@ def _fmt_members(m):
   return ' / '.join(f'{100 * v:.1f}' for v in m) if m else 'n/a'
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
-
-
 def markdown(all_res: list[Result], infos: list[dict], args, load: str) -> str:
   import torch  # pylint: disable=import-outside-toplevel
-  machine = (f'{timing.device_label()}, {_cpu_model()}, shared with other jobs (load average '
+  machine = (f'{timing.device_label()}, {report.cpu_model()}, shared with other jobs (load average '
              f'{load} at the start); JAX {jax.__version__}, PyTorch {torch.__version__}')
   lines = [TITLE, '',
            'Produced by ' + ' and '.join(

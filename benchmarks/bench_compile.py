@@ -338,15 +338,7 @@ def measure(case: Case, steps: int, call: bool, repeats: int, ctx: dict, args) -
 # Report.
 # ---------------------------------------------------------------------------------------------
 def _s(v) -> str:
-  if v is None:
-    return '-'
-  if v >= 100:
-    return f'{v:,.0f}'
-  if v >= 10:
-    return f'{v:.1f}'
-  if v >= 0.1:
-    return f'{v:.2f}'
-  return f'{v:.3g}'
+  return '-' if v is None else report._num(v)   # the main table's number format
 
 
 def _ratio(a, b) -> str:

@@ -32,7 +32,8 @@ def _versions() -> dict:
   return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
@@ -40,7 +41,7 @@ def _cpu_model() -> str:
           return line.split(':', 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return platform.processor() or platform.machine() or 'unknown CPU'
 
 
 def _memory() -> str:
@@ -55,7 +56,7 @@ def _memory() -> str:
 def environment(command: str, settings: timing.Settings) -> dict:
   return {
       'command': command, 'started': timing.now(), 'device': timing.device_label(),
-      'cpu': f'{_cpu_model()}, {timing.cores()} cores, {_memory()} RAM',
+      'cpu': f'{cpu_model()}, {timing.cores()} cores, {_memory()} RAM',
       'versions': _versions(), 'xla_flags': os.environ.get('XLA_FLAGS', '') or '(none)',
       'load_start': timing.load_average(), 'smoke': settings.smoke, 'repeats': settings.repeats,
   }
