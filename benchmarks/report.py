@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import statistics
 
 from benchmarks import timing
@@ -407,29 +408,84 @@ def markdown(rows, meta, names) -> str:
       f'- Versions: jax {v["jax"]}, jaxlib {v["jaxlib"]}, flax {v["flax"]}, torch {v["torch"]}, '
       f'scikit-learn {v["sklearn"]}, numpy {v["numpy"]}; XLA_FLAGS {meta["xla_flags"]}',
       '- Time per benchmark: ' + ', '.join(f'{k} {s:.0f} s' for k, s in meta['durations'].items()),
+      provenance(rows, names),
       '', '## Results', '']
   lines += main_table(rows)
   lines += [''] + _goal_section(rows) + _findings(rows) + _levers_section(rows)
   lines += [NOTES, LOOP_FORM, DIP_DESIGN, EARLY_EXIT]
-  lines += recorded_sections()
+  lines += recorded_sections(rows)
   return '\n'.join(lines) + '\n'
 
 
 RECORDS = os.path.join(os.path.dirname(__file__), 'records')
+# Benchmarks of run.py whose section is a record file (benchmarks/records/<name>) rather than rows
+# of the main table: their run(settings) returns a Row with extra['record'] and extra['markdown'].
+RECORD_OF = {'compile': '4_time_to_first_result.md'}
 
 
-def recorded_sections() -> list[str]:
-  """Studies that `run.py` does not re-run (slower or separate: AutoAttack vs torchattacks, both
-  cores, KDE vs scikit-learn), kept as markdown in benchmarks/records/ and included verbatim in
-  file-name order, so that regenerating BENCHMARKS.md keeps them."""
+def _from_run(rows) -> dict[str, str]:
+  """{record file name: this run's markdown} for the rows that carry a record section."""
+  return {r.extra['record']: r.extra['markdown'] for r in rows
+          if r.extra.get('record') and r.extra.get('markdown')}
+
+
+def _records() -> list[str]:
   if not os.path.isdir(RECORDS):
     return []
+  return sorted(n for n in os.listdir(RECORDS) if n.endswith('.md'))
+
+
+def recorded_sections(rows=()) -> list[str]:
+  """Studies kept as markdown in benchmarks/records/ and included verbatim in file-name order, so
+  that regenerating BENCHMARKS.md keeps them: those `run.py` does not re-run (slower or separate:
+  AutoAttack vs torchattacks, both cores, KDE vs scikit-learn), and those it re-ran in this run
+  (time to first result), whose markdown comes from `rows` (this run), not from the file."""
+  fresh = _from_run(rows)
   out = []
-  for name in sorted(os.listdir(RECORDS)):
-    if name.endswith('.md'):
+  for name in sorted(set(_records()) | set(fresh)):
+    if name in fresh:
+      text = fresh[name]
+    else:
       with open(os.path.join(RECORDS, name)) as f:
-        out += ['', f.read().rstrip('\n')]
+        text = f.read()
+    out += ['', text.rstrip('\n')]
   return out
+
+
+def _title_and_date(text: str) -> tuple[str, str]:
+  """(the first '## ' title without its parenthesis, the date it states: 'measured YYYY-MM-DD' in
+  the title, else the first YYYY-MM(-DD) in the text, else 'undated')."""
+  title = next((l[3:] for l in text.splitlines() if l.startswith('## ')), '?')
+  m = (re.search(r'measured (\d{4}-\d{2}(?:-\d{2})?)', title)
+       or re.search(r'(\d{4}-\d{2}(?:-\d{2})?)', title) or re.search(r'(\d{4}-\d{2}-\d{2})', text))
+  return title.split(' (')[0].strip(), m.group(1) if m else 'undated'
+
+
+def provenance(rows, names) -> str:
+  """The header line that says which sections this run measured and which are older records,
+  with their dates."""
+  fresh = _from_run(rows)
+  new = []
+  main = [n for n in names if n != 'levers' and n not in RECORD_OF]
+  if main:
+    new.append('the main table (' + ', '.join(main) + ')')
+  if 'levers' in names:
+    new.append('the levers section')
+  for n in names:
+    if RECORD_OF.get(n) in fresh:
+      new.append(f'"{_title_and_date(fresh[RECORD_OF[n]])[0]}" (also written to '
+                 f'benchmarks/records/{RECORD_OF[n]} by a full run)')
+  old = []
+  for text in (LOOP_FORM, DIP_DESIGN, EARLY_EXIT):
+    title, date = _title_and_date(text)
+    old.append(f'{title} ({date})')
+  for name in _records():
+    if name not in fresh:
+      with open(os.path.join(RECORDS, name)) as f:
+        title, date = _title_and_date(f.read())
+      old.append(f'{title} ({date}, benchmarks/records/{name})')
+  return ('- Sections measured by this run: ' + ('; '.join(new) or 'none') + '. Older records, '
+          'not re-run by this command (date measured): ' + '; '.join(old))
 
 
 NOTES = """## Method notes

@@ -1,6 +1,6 @@
 """Runs the benchmarks and writes BENCHMARKS.md: one command for every row.
 
-  python3 benchmarks/run.py                    # everything, writes BENCHMARKS.md (~15 min, 2 cores)
+  python3 benchmarks/run.py                    # everything, writes BENCHMARKS.md (~30 min, 2 cores)
   python3 benchmarks/run.py --smoke            # toy sizes, seconds per benchmark, to a temp file
   python3 benchmarks/run.py --only attacks detection --out /tmp/b.md
 
@@ -12,10 +12,21 @@ Benchmarks (each a module benchmarks/bench_<name>.py with run(settings) -> rows)
   scaling    PGD sharded over 1, 2, 4 forced host devices (subprocesses)
   e2e        the main job's stage wall times (read from runs/main/stage_seconds.jsonl)
   levers     where PGD-20's time goes: loop form, max-pool, layout, threads, XLA flags, profile
+  compile    time to first result per attack (benchmarks/bench_compile.py): compile, first call and
+             steady state at 20, 100 (and 1000, compile only) steps vs PyTorch and foolbox; ~12
+             min on 2 cores before foolbox was added, a few more with it. Its section is written to
+             benchmarks/records/4_time_to_first_result.md (a full run) and shown in BENCHMARKS.md
+             from this run; without 'compile' in the run, BENCHMARKS.md shows that record file as
+             an older record, with its date.
+
+BENCHMARKS.md's header says which sections this run measured and which are older records (with
+the dates they were measured). Expected duration of the full run on 2 cores: ~15 min for the
+first six, ~12 min plus foolbox's share (a few minutes, not yet measured) for compile.
 
 PyTorch (CPU build, benchmarks/requirements.txt) is optional: without it the reference cells say
-"torch not installed". The run exits with status 1 if any correctness check failed (the table is
-still written, with CHECK FAILED in the row).
+"torch not installed"; foolbox likewise (benchmarks/requirements.txt says how to install it). The
+run exits with status 1 if any correctness check failed (the table is still written, with CHECK
+FAILED in the row).
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-BENCHMARKS = ('attacks', 'detection', 'k_dip', 'scaling', 'e2e', 'levers')
+BENCHMARKS = ('attacks', 'detection', 'k_dip', 'scaling', 'e2e', 'levers', 'compile')
 
 
 def main(argv=None) -> int:

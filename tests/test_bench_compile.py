@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import bench_compile
 from unmask_jax.attacks import common, deepfool, pgd
@@ -26,22 +27,35 @@ def _has_torch() -> bool:
     return False
 
 
+def _has_foolbox() -> bool:
+  try:
+    import foolbox  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    return _has_torch()
+  except ImportError:
+    return False
+
+
 def _cells(line: str) -> list[str]:
   return [c.strip() for c in line.strip().strip('|').split('|')]
 
 
-def test_smoke_writes_every_row_and_column(tmp_path):
-  out, raw = tmp_path / 'compile.md', tmp_path / 'compile.json'
-  # Step 2 is called (first result, steady state, PyTorch), step 3 compiled only.
+SMOKE_ROWS = [('fgsm', '-'), ('pgd_linf', '2'), ('pgd_linf', '3'), ('deepfool', '2'),
+              ('deepfool', '3'), ('cw_l2_abort', '2 per round'), ('cw_l2_abort', '3 per round')]
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+  """One smoke run for the tests below: (markdown text, table rows by (attack, steps), raw JSON)."""
+  tmp = tmp_path_factory.mktemp('bench_compile')
+  out, raw = tmp / 'compile.md', tmp / 'compile.json'
+  # Step 2 is called (first result, steady state, PyTorch, foolbox), step 3 compiled only.
   proc = subprocess.run(
       [sys.executable, '-m', 'benchmarks.bench_compile', '--smoke', '--attacks', 'fgsm',
-       'pgd_linf', 'deepfool', '--steps', '2', '3', '--call-max-steps', '2', '--out', str(out),
-       '--json', str(raw)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+       'pgd_linf', 'deepfool', 'cw_l2_abort', '--steps', '2', '3', '--call-max-steps', '2',
+       '--out', str(out), '--json', str(raw)], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   text = out.read_text()
-  for header in ('Command:', 'Machine:', 'Versions:', 'load average', 'foolbox', 'Versions: jax',
-                 'compilation cache off', 'Goal (every attack compiles in at most 30 s'):
-    assert header in text, header
   lines = text.splitlines()
   head = lines.index('| ' + ' | '.join(bench_compile.COLUMNS) + ' |')
   body = []
@@ -50,35 +64,95 @@ def test_smoke_writes_every_row_and_column(tmp_path):
       break
     body.append(_cells(line))
   assert all(len(r) == len(bench_compile.COLUMNS) for r in body), body
-  assert [(r[0], r[1]) for r in body] == [('fgsm', '-'), ('pgd_linf', '2'), ('pgd_linf', '3'),
-                                          ('deepfool', '2'), ('deepfool', '3')], body
-  col = {name: i for i, name in enumerate(bench_compile.COLUMNS)}
-  rows = {(r[0], r[1]): r for r in body}
-  assert rows[('fgsm', '-')][col['loop form']] == 'single step'
-  assert rows[('pgd_linf', '2')][col['loop form']] == 'unrolled 2'
+  assert [(r[0], r[1]) for r in body] == SMOKE_ROWS, body
+  return text, {(r[0], r[1]): r for r in body}, json.loads(raw.read_text())
+
+
+COL = {name: i for i, name in enumerate(bench_compile.COLUMNS)}
+
+
+def test_smoke_writes_every_row_and_column(smoke):
+  text, rows, data = smoke
+  for header in ('Command:', 'Machine:', 'Versions:', 'load average', 'foolbox', 'Versions: jax',
+                 'compilation cache off', 'Goal (every attack compiles in at most 30 s',
+                 'Goal (issue #15): DeepFool and CW-L2 at >= 1x foolbox'):
+    assert header in text, header
+  assert rows[('fgsm', '-')][COL['loop form']] == 'single step'
+  assert rows[('pgd_linf', '2')][COL['loop form']] == 'unrolled 2'
+  assert rows[('cw_l2_abort', '2 per round')][COL['loop form']] == '2 runs unrolled; unrolled 2 x2'
   for key, r in rows.items():
-    compile_s = float(r[col['compile s']])
+    compile_s = float(r[COL['compile s']])
     assert compile_s > 0
-    assert r[col['compile goal (<= 30 s)']] == 'met'
-    if key[1] == '3':  # compiled only
-      assert r[col['first result s']] == r[col['steady s']] == 'compile only', r
+    assert r[COL['compile goal (<= 30 s)']] == 'met'
+    if key[1].startswith('3'):  # compiled only
+      assert r[COL['first result s']] == r[COL['steady s']] == 'compile only', r
       continue
-    assert float(r[col['first result s']]) >= compile_s
-    assert float(r[col['steady s']]) > 0
-    if _has_torch():  # every smoke attack has a PyTorch reference (fgsm: one PGD step)
-      assert 'thread' in r[col['PyTorch steady s']], r
-      assert r[col['ratio steady (PyTorch / ours)']].endswith('x'), r
+    assert float(r[COL['first result s']]) >= compile_s
+    assert float(r[COL['steady s']]) > 0
+    # Success rates of ours / PyTorch / foolbox: numbers, '-' where a contender is missing.
+    success = r[COL['success ours / PyTorch / foolbox']].split(' / ')
+    assert len(success) == 3 and 0 <= float(success[0].rstrip('%')) <= 100, r
+    if key[0] == 'cw_l2_abort':  # no PyTorch reference aborts early
+      assert r[COL['PyTorch steady s']] == 'none in benchmarks/torch_attacks.py', r
+    elif _has_torch():  # every other smoke attack has one (fgsm: one PGD step)
+      assert 'thread' in r[COL['PyTorch steady s']], r
+      assert r[COL['ratio steady (PyTorch / ours)']].endswith('x'), r
+      assert 0 <= float(success[1].rstrip('%')) <= 100, r
     else:
-      assert r[col['PyTorch steady s']] == 'torch not installed', r
-  data = json.loads(raw.read_text())
+      assert r[COL['PyTorch steady s']] == 'torch not installed', r
+    if not _has_foolbox():
+      assert r[COL['foolbox steady s']] in ('foolbox not installed', 'torch not installed'), r
+      assert success[2] == '-', r
   assert data['meta']['steps'] == [2, 3]
   assert [(r['attack'], r['steps'], r['called']) for r in data['rows']] == [
       ('fgsm', None, True), ('pgd_linf', 2, True), ('pgd_linf', 3, False),
-      ('deepfool', 2, True), ('deepfool', 3, False)]
+      ('deepfool', 2, True), ('deepfool', 3, False), ('cw_l2_abort', 2, True),
+      ('cw_l2_abort', 3, False)]
   for r in data['rows']:
     assert r['compile_s'] >= r['xla_compile_s'] > 0
     assert r['goal_miss'] is False
-    assert r['loop_form'] in ('single step', f'unrolled {r["steps"]}'), r  # 2-3 steps: unrolled
+    if r['attack'] == 'cw_l2_abort':
+      assert 'abort_early=True' in r['spec'], r['spec']
+      assert r['loop_form'] == f'2 runs unrolled; unrolled {r["steps"]} x2', r
+    else:
+      assert r['loop_form'] in ('single step', f'unrolled {r["steps"]}'), r  # 2-3 steps: unrolled
+
+
+def test_smoke_foolbox_columns(smoke):
+  """With foolbox installed (CI does not install it): every called row has foolbox's timings,
+  ratios and success rate, and its eps-bounded outputs stay inside eps."""
+  pytest.importorskip('torch')
+  pytest.importorskip('foolbox')
+  text, rows, data = smoke
+  assert 'foolbox 3.' in text and 'L2CarliniWagnerAttack' in text
+  for key, r in rows.items():
+    if key[1].startswith('3'):  # compiled only
+      assert r[COL['foolbox steady s']] == r[COL['ratio steady (foolbox / ours)']] == '-', r
+      continue
+    for col in ('foolbox first s', 'foolbox steady s'):
+      assert 'thread' in r[COL[col]], r
+      float(r[COL[col]].split(' (')[0])
+    for col in ('ratio steady (foolbox / ours)', 'ratio first result (foolbox / ours)'):
+      assert r[COL[col]].endswith('x'), r
+      assert float(r[COL[col]][:-1]) > 0, r
+    success = r[COL['success ours / PyTorch / foolbox']]
+    assert 'exceeds eps' not in success, r
+    assert 0 <= float(success.split(' / ')[2].rstrip('%')) <= 100, r
+  called = [r for r in data['rows'] if r['called']]
+  for r in called:
+    assert r['foolbox_reference'] == 'foolbox'
+    assert isinstance(r['success_foolbox'], float) and 0 <= r['success_foolbox'] <= 1, r
+    assert isinstance(r['success_ours'], float)
+    assert r['foolbox']['steady'] > 0 and r['foolbox']['first_call'] > 0
+    assert r['foolbox_threads'] >= 1
+    if r['eps'] is not None:
+      assert r['foolbox_eps_exceeded'] is False, r
+      assert r['foolbox_max_perturbation'] <= r['eps'] * (1 + 1e-5) + 1e-6, r
+  # The goal against foolbox is stated per attack and step count, with numbers.
+  goal = [l for l in text.splitlines() if l.startswith('- DeepFool, 2 steps: foolbox')
+          or l.startswith('- CW-L2 with early abort')]
+  assert len(goal) == 2, text
+  assert all('x**' in l and ('-> met' in l or '**not met**' in l) for l in goal), goal
 
 
 def _logits_fn():

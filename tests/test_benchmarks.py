@@ -94,7 +94,18 @@ def test_smoke_command_writes_every_row(tmp_path):
   assert not any('CHECK FAILED' in line for line in table)
   for header in ('Command:', 'Machine:', 'Versions:', 'load average'):
     assert header in text
+  # The time-to-first-result benchmark ('compile') ran in this run: its section is this run's
+  # (smoke command), not the record file's, and the header says which sections are older records.
+  provenance = next(l for l in text.splitlines() if l.startswith('- Sections measured by this run'))
+  assert '"Time to first result' in provenance and 'Older records' in provenance, provenance
+  assert text.count('## Time to first result') == 1
+  section = text[text.index('## Time to first result'):]
+  assert 'python3 benchmarks/run.py --smoke' in section.split('\n\n')[1], section[:600]
+  assert 'Goal (issue #15): DeepFool and CW-L2 at >= 1x foolbox' in section
   rows = json.loads(raw.read_text())['rows']
+  compile_rows = [r for r in rows if r['section'] == 'compile']
+  assert len(compile_rows) == 1 and compile_rows[0]['extra']['markdown'] in text
+  assert compile_rows[0]['extra']['record'] == '4_time_to_first_result.md'
   try:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     has_torch = True
