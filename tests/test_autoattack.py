@@ -163,6 +163,29 @@ def test_autoattack_is_the_per_image_worst_case_over_its_members(trained):
   np.testing.assert_array_equal(np.asarray(x_aa[-len(y_bad):]), np.asarray(x_bad))
 
 
+def test_autoattack_on_the_host_equals_one_program_and_skips_members(trained, monkeypatch):
+  """Called as compile_attack returns it, AutoAttack runs its members as separate programs and
+  skips the rest once every image is fooled; the result equals the one-program (traced) form."""
+  from unmask_jax.attacks import autoattack as aa_mod
+  fn, _, x, y, x_bad, y_bad = trained
+  x, y = jnp.concatenate([x[:12], x_bad]), jnp.concatenate([y[:12], y_bad])
+  spec = attacks.parse_attack('autoattack(eps=0.03, steps=4, queries=20)')
+  host = spec.compile()
+  assert attacks.compiles_itself(spec.fn) and not hasattr(host, 'lower')   # not one jit
+  calls = []
+  real = aa_mod._jitted
+  monkeypatch.setattr(aa_mod, '_jitted', lambda f, *a, **k: calls.append(f.__name__) or real(f, *a, **k))
+  np.testing.assert_allclose(np.asarray(host(fn, x, y, KEY)),
+                             np.asarray(jax.jit(spec.partial())(fn, x, y, KEY)), atol=1e-6)
+  assert [c for c in calls if c != '_merge'][:4] == ['_misclassified', 'apgd_linf', '_apgd_t', '_fab_t'], calls
+  # At a large eps APGD-CE fools every image: the other members are not run at all.
+  calls.clear()
+  big = attacks.parse_attack('autoattack(eps=0.5, steps=4, queries=20)').compile()
+  out = big(fn, x, y, KEY)
+  assert fooled(fn, out, y).all()
+  assert calls == ['_misclassified', 'apgd_linf', '_merge'], calls
+
+
 def test_same_key_same_output_and_loop_forms_agree(trained):
   fn, _, x, y, _, _ = trained
   x, y = x[:8], y[:8]

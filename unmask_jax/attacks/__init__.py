@@ -116,12 +116,21 @@ class AttackSpec(NamedTuple):
     return functools.partial(self.fn, **self.params)
 
   def compile(self) -> Callable:
-    """`jax.jit` of `partial()`: compiled on the first call, reused for same-shaped batches."""
-    return jax.jit(self.partial())
+    """`jax.jit` of `partial()`: compiled on the first call, reused for same-shaped batches.
+
+    An attack that compiles its own parts (`compiles_itself`, e.g. AutoAttack: one program per
+    member, skipped on the host once every image is fooled) is returned as `partial()`.
+    """
+    return self.partial() if compiles_itself(self.fn) else jax.jit(self.partial())
 
   def __str__(self) -> str:
     args = ', '.join(f'{k}={v!r}' for k, v in sorted(self.params.items()))
     return f'{self.name}({args})'
+
+
+def compiles_itself(fn: Callable) -> bool:
+  """True for an attack that jits its own parts and must not be wrapped in one `jax.jit`."""
+  return bool(getattr(fn, 'compiles_itself', False))
 
 
 def parse_attack(spec: str | AttackSpec, **overrides: Any) -> AttackSpec:
@@ -175,4 +184,4 @@ def compile_attack(spec_or_name: str | AttackSpec, **params: Any) -> Callable:
   return parse_attack(spec_or_name, **params).compile()
 
 
-__all__ = ['ATTACKS', 'AttackSpec', 'compile_attack', 'norm_of', 'parse_attack', 'validate_inputs']
+__all__ = ['ATTACKS', 'AttackSpec', 'compile_attack', 'compiles_itself', 'norm_of', 'parse_attack', 'validate_inputs']

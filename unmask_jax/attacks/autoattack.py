@@ -6,8 +6,18 @@ over the ensemble. The reference implementation runs each attack on the images t
 robust; shapes are static under jit, so here every member runs on the whole batch, with the images
 fooled so far marked as done: their results are ignored, and the members' rolled loops (target
 runs, Square's queries) stop once every image is fooled.
+
+Called with concrete arrays (as `compile_attack` and the attack runner call it), each member is its
+own jitted program and a member is skipped on the host once every image of the batch is fooled,
+as the reference skips it. Skipping inside one program (a `lax.cond` around a member) was measured
+on XLA:CPU to run the member ~3x slower whenever it does run (the SynthParts CNN, batch 128, 20
+steps: APGD-T 1.3 -> 3.9 s, FAB-T 1.6 -> 4.3 s), like every rolled loop over conv gradients
+there; on the host the skip is free. On the undefended M, which APGD-CE fools entirely, a batch
+then costs 0.7 s instead of 3.0 s. Traced (inside a user's `jax.jit`), it is one program as before.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,24 +86,65 @@ def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: floa
   key = jax.random.key(0) if key is None else key
   keys = [jax.random.fold_in(key, m) for m in range(len(MEMBERS))]
 
-  fooled = jnp.argmax(logits_fn(x), -1) != y   # misclassified already: returned as they are
+  # Concrete inputs: members are separate jitted programs, skipped on the host once all is fooled.
+  on_host = not any(isinstance(a, jax.core.Tracer) for a in (x, y, eps))
+  call = _jitted if on_host else _inline
+
+  fooled = call(_misclassified, logits_fn, x, y)   # misclassified already: returned as they are
   x_out = x
 
-  def merge(x_m, x_out, fooled):
-    # Every member returns points in the ball; an image takes the first that is misclassified.
-    new = ~fooled & (jnp.argmax(logits_fn(x_m), -1) != y)
-    return jnp.where(new[:, None, None, None], x_m, x_out), fooled | new
+  def finished(fooled):
+    return on_host and bool(jnp.all(fooled))
 
   apgd_ce = apgd.apgd_linf if norm == 'linf' else apgd.apgd_l2
-  x_out, fooled = merge(apgd_ce(logits_fn, x, y, keys[0], eps=eps, steps=steps), x_out, fooled)
+  members = [lambda f: call(apgd_ce, logits_fn, x, y, keys[0], eps=eps, steps=steps)]
   if num_classes >= 3:
-    x_m = apgd._apgd_t(logits_fn, x, y, keys[1], norm=norm, eps=eps, steps=steps,
-                       n_targets=n_targets, restarts=1, rho=0.75, momentum=0.75, done=fooled)
-    x_out, fooled = merge(x_m, x_out, fooled)
-  x_m = fab._fab_t(logits_fn, x, y, keys[2], norm=norm, eps=eps, steps=steps,
-                   n_targets=n_targets, alpha_max=0.1, eta=1.05, beta=0.9, done=fooled)
-  x_out, fooled = merge(x_m, x_out, fooled)
-  x_m = square._square(logits_fn, x, y, keys[3], norm=norm, eps=eps, queries=queries,
-                       p_init=0.8, done=fooled)
-  x_out, _ = merge(x_m, x_out, fooled)
+    members.append(lambda f: call(apgd._apgd_t, logits_fn, x, y, keys[1], eps=eps, done=f,
+                                  norm=norm, steps=steps, n_targets=n_targets, restarts=1,
+                                  rho=0.75, momentum=0.75))
+  members.append(lambda f: call(fab._fab_t, logits_fn, x, y, keys[2], eps=eps, done=f, norm=norm,
+                                steps=steps, n_targets=n_targets, alpha_max=0.1, eta=1.05,
+                                beta=0.9))
+  members.append(lambda f: call(square._square, logits_fn, x, y, keys[3], eps=eps, done=f,
+                                norm=norm, queries=queries, p_init=0.8))
+  for member in members:
+    if finished(fooled):
+      break
+    x_out, fooled = call(_merge, logits_fn, member(fooled), x_out, y, fooled)
   return x_out
+
+
+def _misclassified(logits_fn, x, y):
+  return jnp.argmax(logits_fn(x), -1) != y
+
+
+def _merge(logits_fn, x_m, x_out, y, fooled):
+  """Every member returns points in the ball; an image takes the first that is misclassified."""
+  new = ~fooled & _misclassified(logits_fn, x_m, y)
+  return jnp.where(new[:, None, None, None], x_m, x_out), fooled | new
+
+
+# Keyword arguments that are arrays (eps, done) are traced; the others are compile-time constants.
+_TRACED = ('eps', 'done')
+
+
+def _inline(fn, *args, **kwargs):
+  return fn(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _program(fn, static: tuple):
+  return jax.jit(functools.partial(fn, **dict(static)))
+
+
+def _jitted(fn, *args, **kwargs):
+  """fn(*args, **kwargs) as one jitted program per (member, static parameters), kept for reuse
+  across batches, eps values and models of one architecture (weights are arguments)."""
+  static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in _TRACED))
+  traced = {k: v for k, v in kwargs.items() if k in _TRACED}
+  return _program(fn, static)(*args, **traced)
+
+
+# `compile_attack` and the attack runner call this attack as it is (its members are jitted above)
+# instead of wrapping the whole in one `jax.jit`.
+autoattack.compiles_itself = True

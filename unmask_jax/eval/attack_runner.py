@@ -80,7 +80,9 @@ def compiled(aspec):
   key = (aspec.name, tuple(sorted(static.items())))
   if key not in _COMPILED:
     import functools
-    _COMPILED[key] = jax.jit(functools.partial(aspec.fn, **static))
+    fn = functools.partial(aspec.fn, **static)
+    # AutoAttack jits its members itself (and skips them on the host once all is fooled).
+    _COMPILED[key] = fn if attacks_lib.compiles_itself(aspec.fn) else jax.jit(fn)
   fn = _COMPILED[key]
   dynamic = {k: jnp.float32(v) for k, v in aspec.params.items() if k in ('eps', 'step_size') and v is not None}
   return lambda logits_fn, x, y, key: fn(logits_fn, x, y, key, **dynamic)
