@@ -334,6 +334,11 @@ def test_combiner_registry_members_and_state_roundtrip(tmp_path):
   state = combiner.fit_combiner(state, ctx, held['image'], adv, 0.1, key)
   feats = combiner.member_scores(state, ctx, ev['image'], key)
   assert feats.shape == (10, 4)
+  # Scoring again (another image set of the same chunk shape) reuses the compiled program: the
+  # members are static arguments and must hash equal across calls (each call used to recompile).
+  compiled = combiner._members_chunk._cache_size()
+  combiner.member_scores(state, ctx, held['image'], key)
+  assert combiner._members_chunk._cache_size() == compiled
   # The two MC members share one run: their columns equal one mc_dropout call with that key.
   mc = uncertainty.mc_dropout_metrics(ctx, ev['image'], jax.random.split(key, 4)[0], T=4, chunk=16)
   np.testing.assert_allclose(feats[:, 0], mc['variance'], rtol=1e-6)
