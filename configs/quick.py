@@ -28,8 +28,10 @@ def get_config():
   c.attack.extra_attacks = ('AutoAttack-Linf-8=autoattack(eps=8/255, norm="linf", steps=3, queries=20)',)
   c.attack.batch_size = 32
   c.digits = digits_study.tiny()
-  c.evaluate.dip.update({'attacks': ('PGD-Linf-8',), 'n_images': 6, 'val_size': 6, 'max_iters': 50,
-                         'widths': (8, 16)})
+  # The main job leaves Deep Protection to its study; the smoke run keeps a tiny one in the
+  # evaluation so that this path stays exercised (and the study's test can reproduce it).
+  c.evaluate.dip.update({'class_sets': ('cs3a',), 'attacks': ('PGD-Linf-8',), 'n_images': 6,
+                         'val_size': 6, 'max_iters': 50, 'widths': (8, 16)})
   c.evaluate.max_fit = 64
   c.evaluate.defenses = ('unmask', 'mc_dropout(metric="mutual_information", T=8)', 'kde', 'kl',
                          'lr_combiner(members=("mc_dropout(T=8)", "kde", "kl"))', 'mrr(n=1)',

@@ -37,8 +37,13 @@ def test_quick_main_job_writes_report_with_all_sections(quick_run, quick_results
                   '### Adaptive attacks, per defense', '## Accuracy (gray-box; Table IV form',
                   '## Detection (gray-box; contamination 0.5)',
                   '## MRR at its security parameter', '## Part extraction K under attack',
-                  '## Sanity checks of the attacks', '## Digits: Tuna et al. 2021 study'):
+                  '## Sanity checks of the attacks', '## Digits: Tuna et al. 2021 study',
+                  '## Main job: wall seconds per stage'):
     assert section in text
+  # Per-stage wall times of this run end the report (issue #15).
+  times = text[text.index('## Main job: wall seconds per stage'):]
+  for stage in ('| train K | ', '| attack AT-M cs3b | ', '| evaluate | ', '| total | '):
+    assert stage in times, stage
   for cs in ('cs3a', 'cs3b'):
     assert f'![ROC {cs}](roc_{cs}.png)' in text
     assert os.path.getsize(os.path.join(wd, 'eval', f'roc_{cs}.png')) > 1000

@@ -493,8 +493,50 @@ def run_main(config, workdir: str, *, overwrite: bool = False, extra_stages=()) 
   with open(times_path, 'a') as f:   # one line per run: the history of stage times
     f.write(json.dumps(times) + '\n')
   print('\nStage wall times (s): ' + ', '.join(f'{k} {v}' for k, v in times.items()))
+  if 'evaluate' in times:   # a report written by this run (a cached one is left untouched)
+    with open(times_path) as f:
+      history = [json.loads(line) for line in f if line.strip()]
+    with_stage_times(report_path, history)
   print(f'\nDone. Read the report: {report_path}')
   return report_path
+
+
+STAGE_TIMES_HEADING = '## Main job: wall seconds per stage'
+
+
+def stage_times_section(history: list[dict], runs: int = 4) -> str:
+  """Markdown table of the last `runs` runs of the main job (columns, newest last), one row per
+  stage: seconds of that run, near zero where the stage was cached. A stage a run did not reach
+  (killed, or a failure) is blank."""
+  first = max(len(history) - runs, 0) + 1   # runs are numbered from the workdir's first
+  history = history[-runs:]
+  stages = list(dict.fromkeys(k for h in history for k in h if k != 'total (this run)'))
+  stages.append('total (this run)')
+  cols = [f'run {i}' for i in range(first, first + len(history))]
+  cols[-1] += ' (this one)'
+  lines = [STAGE_TIMES_HEADING, '',
+           'From `stage_seconds.jsonl` in the workdir (one line per run of `main.py`). A stage '
+           'whose outputs were cached shows its near-zero check time; a fresh workdir shows what '
+           'each stage costs.', '',
+           '| stage | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
+  for st in stages:
+    cells = [f'{h[st]:.1f}' if st in h else '' for h in history]
+    lines.append(f'| {"total" if st == "total (this run)" else st} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def with_stage_times(report_path: str, history: list[dict]) -> None:
+  """Replaces (or appends) the stage-times section at the end of report.md."""
+  with open(report_path) as f:
+    text = f.read()
+  at = text.find(STAGE_TIMES_HEADING)
+  if at >= 0:
+    text = text[:at]
+  text = text.rstrip('\n') + '\n\n' + stage_times_section(history)
+  tmp = report_path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, report_path)
 
 
 def at_line_search(config, workdir: str, eps_255: list[float], attack_steps: int = 20, *,

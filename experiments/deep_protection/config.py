@@ -10,9 +10,10 @@ Restores the first `dip.n_images` CS3a test images, clean and under each of `att
 `dip.val_size` clean validation images with one Deep Image Prior trajectory each, and compares the
 fixed (chosen on validation), automatic (label-free) and oracle (true label; an upper bound) stops
 (`unmask_jax.eval.deep_protection_eval`). The settings, images and random key are those of the
-main job's evaluation (`configs/evaluate.py`, block `dip`; `configs/quick.py` for `:quick`), so
-the study reproduces its "CS3A: Deep Protection" section number for number; change them here to
-study other budgets without re-running the evaluation.
+evaluation's `dip` block (`configs/evaluate.py`; `configs/quick.py` for `:quick`), so the study
+reproduces number for number the "CS3A: Deep Protection" section that the evaluation writes when
+`dip.class_sets` names the class set (the main job leaves it off since issue #15: it took 173-214
+of its seconds; the smoke run keeps it); change them here to study other budgets.
 
 Expect (measured on runs/main cs3a, 32 validation + 32 test images x (clean + 5 attacks) = 224
 images x 250 iterations = 56,000 image-iterations): 186 s of CPU time, 179 s wall on the 2-core
