@@ -73,3 +73,23 @@ def test_margin_keeps_a_gradient_on_confident_pixels():
   lg = _logits(np.full((2, 2), 1), np.full((2, 2), 0.9999))
   g = jax.grad(lambda z: pe.part_margins(z, 4, 0.3)[0, 0])(lg)
   assert float(jnp.abs(g).sum()) > 0.5
+
+
+def test_pixel_margins_match_their_definition_with_ties():
+  """m = min(z_p - max_{q != p} z_q, z_p - logsumexp_{q != p} z_q - logit(min_conf)), checked in
+  float64 NumPy, on logits where some pixels have two classes tied at the maximum (then the
+  arg-max margin is 0 for both, as with top-2 = top-1)."""
+  rng = np.random.default_rng(0)
+  z = (2.0 * rng.standard_normal((4, 5, 5, 6))).astype(np.float32)
+  z[:, 0, :, 2] = z[:, 0, :, 4] = z[:, 0].max(-1) + 1.0   # ties at the maximum
+  min_conf = 0.4
+  got = np.asarray(pe.pixel_margins(jnp.asarray(z), min_conf))
+  zz = z.astype(np.float64)
+  want = np.empty(z.shape[:-1] + (5,))
+  for p in range(1, 6):
+    others = np.delete(zz, p, axis=-1)
+    m_arg = zz[..., p] - others.max(-1)
+    m_conf = zz[..., p] - np.log(np.exp(others).sum(-1)) - np.log(min_conf / (1 - min_conf))
+    want[..., p - 1] = np.minimum(m_arg, m_conf)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert np.all(got[:, 0, :, [1, 3]] <= 1e-6)   # tied parts (classes 2, 4): arg-max margin 0

@@ -45,19 +45,25 @@ def pixel_margins(logits, min_conf: float):
   remove, while the log-odds keep a gradient of order 1 there.
   """
   logits = logits.astype(jnp.float32)
-  # Max over the other classes for every class at once: the top-2 logits suffice.
-  top2 = jax.lax.top_k(logits, 2)[0]
-  is_top = logits >= top2[..., :1]
-  other = jnp.where(is_top, top2[..., 1:2], top2[..., :1])
-  # logsumexp over q != p: for the arg-max class, a logsumexp with it masked out; for the others,
-  # log(S - e^{z_p}) (S = sum_q e^{z_q}), stable there: S - e^{z_p} >= e^{z_max} >= e^{z_p}.
-  zmax = top2[..., :1]
+  # Max over the other classes for every class at once: the top-2 logits suffice. Two max
+  # reductions (the second with the first arg-max masked out, so a tie gives top-2 = top-1, as
+  # lax.top_k does) rather than lax.top_k: on XLA:CPU top_k and its gradient over the class axis
+  # made this function's gradient cost 2.4x K's own (200 images: 0.97 s vs K's 0.40 s), the bulk
+  # of the adaptive attack on UnMask.
+  zmax = jnp.max(logits, -1, keepdims=True)
+  first = jnp.arange(logits.shape[-1]) == jnp.argmax(logits, -1)[..., None]
+  second = jnp.max(jnp.where(first, -jnp.inf, logits), -1, keepdims=True)
+  is_top = logits >= zmax
+  other = jnp.where(is_top, second, zmax)
+  # logsumexp over q != p: for the (first) arg-max class, a logsumexp with it masked out; for the
+  # others, log(S - e^{z_p}) (S = sum_q e^{z_q}), stable there: S - e^{z_p} >= e^{z_max} >= e^{z_p}
+  # (a class tied at the maximum too: S - e^{z_p} still holds the first one's e^{z_max}).
   e = jnp.exp(logits - zmax)
   total = e.sum(-1, keepdims=True)
-  without_top = jnp.log(jnp.maximum(jnp.sum(jnp.where(is_top, 0.0, e), -1, keepdims=True),
+  without_top = jnp.log(jnp.maximum(jnp.sum(jnp.where(first, 0.0, e), -1, keepdims=True),
                                     1e-30))
   rest = jnp.log(jnp.maximum(total - e, 1e-30))
-  log_others = zmax + jnp.where(is_top, without_top, rest)
+  log_others = zmax + jnp.where(first, without_top, rest)
   if min_conf <= 0:
     m = logits - other          # no confidence bar (the original code's threshold of 0)
   else:
