@@ -532,11 +532,8 @@ def with_stage_times(report_path: str, history: list[dict]) -> None:
   at = text.find(STAGE_TIMES_HEADING)
   if at >= 0:
     text = text[:at]
-  text = text.rstrip('\n') + '\n\n' + stage_times_section(history)
-  tmp = report_path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, report_path)
+  from unmask_jax.train import checkpoint as ckpt
+  ckpt.write_text_atomic(report_path, text.rstrip('\n') + '\n\n' + stage_times_section(history))
 
 
 def at_line_search(config, workdir: str, eps_255: list[float], attack_steps: int = 20, *,

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from unmask_jax.eval import report
+from unmask_jax.train import checkpoint as ckpt
 
 _NAMES = {'None': 'None', 'AT': 'AT', 'unmask': 'UM'}
 _METRICS = {'mutual_information': 'MI', 'entropy': 'H', 'variance': 'Var', 'confidence': 'Conf'}
@@ -386,9 +387,7 @@ def write_report(results: dict, plots: dict, workdir: str, extra_sections=()) ->
     with open(extra) as f:
       lines += [f.read().rstrip(), '']
   path = os.path.join(workdir, 'report.md')
-  with open(path + '.tmp', 'w') as f:
-    f.write('\n'.join(lines))
-  os.replace(path + '.tmp', path)
+  ckpt.write_text_atomic(path, '\n'.join(lines))
   return path
 
 

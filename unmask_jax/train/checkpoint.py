@@ -41,11 +41,17 @@ class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint or stage output is missing, damaged, or belongs to another model or config."""
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file: a killed run leaves the old file or the new
+  one, never half of it."""
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: str) -> Any:
