@@ -54,55 +54,33 @@ def apgd_run(logits_fn: LogitsFn, loss_fn, x: Array, y: Array, x0: Array, *, nor
   Shared by APGD-CE (`apgd_linf`/`apgd_l2`) and APGD-T (`apgd_t_linf`/`apgd_t_l2`, whose loss is
   the targeted DLR loss, a closure over the target classes). Success is misclassification
   (prediction != y) for both, as in the reference implementation: the target only shapes the loss.
+  This is the form traced inside one program (`common.iterate`); `_apgd` drives the same steps
+  (`_run_init`, `_run_step`, `_run_result`) from the host when called with arrays.
 
   Returns:
     (x_out, success [N], best loss [N]): per example the last misclassified iterate if one was
     found, else the iterate with the highest loss (whose loss is `best loss`).
   """
-  is_check_np, window_np = checkpoint_schedule(steps)
-  is_check, window = jnp.asarray(is_check_np), jnp.asarray(window_np)
-  n = x.shape[0]
-  col = _col
+  consts = _run_consts(logits_fn, loss_fn, x, y, eps, steps=steps)
+  init = _run_init(consts, x0)
+  c = common.iterate(
+      lambda i, c: _run_step(consts, i, c, norm=norm, rho=rho, momentum=momentum), init, steps)
+  return _run_result(c)
 
-  def body(i, c):
-    # Momentum step: z = P(x_k + eta s(∇)),
-    # x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})), with a = 1 at the first step.
-    a = jnp.where(jnp.asarray(i) == 0, 1.0, momentum)
-    z = common.project(norm, c['x'] + col(c['eta']) * common.steepest_step(norm, c['grad']), x, eps)
-    x_new = common.project(
-        norm, c['x'] + a * (z - c['x']) + (1 - a) * (c['x'] - c['x_old']), x, eps)
-    loss_new, grad_new, logits = common.loss_and_grad(logits_fn, loss_fn, x_new, y)
 
-    succ = common.is_success(logits, y)
-    x_adv = jnp.where(col(succ), x_new, c['x_adv'])
-    n_incr = c['n_incr'] + (loss_new > c['loss_prev']).astype(jnp.int32)
-    improved = loss_new > c['loss_best']
-    x_best = jnp.where(col(improved), x_new, c['x_best'])
-    grad_best = jnp.where(col(improved), grad_new, c['grad_best'])
-    loss_best = jnp.where(improved, loss_new, c['loss_best'])
+def _run_consts(logits_fn, loss_fn, x, y, eps, *, steps):
+  """What every step of a run needs: (logits_fn, loss_fn, x, y, eps, the checkpoint schedule).
+  On the host both functions are `jax.tree_util.Partial`s (APGD-T's loss holds its targets)."""
+  is_check, window = checkpoint_schedule(steps)
+  return logits_fn, loss_fn, x, y, eps, jnp.asarray(is_check), jnp.asarray(window)
 
-    # Checkpoint: halve eta and restart from the best point if the loss rose in at most a fraction
-    # rho of the window's steps (oscillation), or if eta was not halved at the previous checkpoint
-    # and the best loss has not improved since.
-    check = is_check[i]
-    oscillating = n_incr.astype(jnp.float32) <= window[i].astype(jnp.float32) * rho
-    stalled = ~c['reduced_last'] & (c['loss_best_last'] >= loss_best)
-    reduce = check & (oscillating | stalled)
-    return dict(
-        x=jnp.where(col(reduce), x_best, x_new),
-        x_old=c['x'],
-        grad=jnp.where(col(reduce), grad_best, grad_new),
-        eta=jnp.where(reduce, c['eta'] / 2, c['eta']),
-        loss_prev=loss_new,
-        n_incr=jnp.where(check, 0, n_incr),
-        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-        x_adv=x_adv, success=c['success'] | succ,
-        reduced_last=jnp.where(check, reduce, c['reduced_last']),
-        loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
-    )
 
+def _run_init(consts, x0):
+  """The state of a run at x0, before its first step."""
+  logits_fn, loss_fn, _, y, eps, _, _ = consts
+  n = x0.shape[0]
   loss0, grad0, logits0 = common.loss_and_grad(logits_fn, loss_fn, x0, y)
-  init = dict(
+  return dict(
       x=x0, x_old=x0, grad=grad0,
       # Initial step 2 * eps, as in the paper, for both norms.
       eta=jnp.full((n,), 2.0 * eps, jnp.float32),
@@ -111,14 +89,86 @@ def apgd_run(logits_fn: LogitsFn, loss_fn, x: Array, y: Array, x0: Array, *, nor
       x_adv=x0, success=common.is_success(logits0, y),
       reduced_last=jnp.ones((n,), bool), loss_best_last=loss0,
   )
-  c = common.iterate(body, init, steps)
+
+
+def _run_step(consts, i, c, *, norm, rho, momentum):
+  """APGD iteration i of a run (i an int or traced: only used through jnp)."""
+  logits_fn, loss_fn, x, y, eps, is_check, window = consts
+  col = _col
+  # Momentum step: z = P(x_k + eta s(∇)),
+  # x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})), with a = 1 at the first step.
+  a = jnp.where(jnp.asarray(i) == 0, 1.0, momentum)
+  z = common.project(norm, c['x'] + col(c['eta']) * common.steepest_step(norm, c['grad']), x, eps)
+  x_new = common.project(
+      norm, c['x'] + a * (z - c['x']) + (1 - a) * (c['x'] - c['x_old']), x, eps)
+  loss_new, grad_new, logits = common.loss_and_grad(logits_fn, loss_fn, x_new, y)
+
+  succ = common.is_success(logits, y)
+  x_adv = jnp.where(col(succ), x_new, c['x_adv'])
+  n_incr = c['n_incr'] + (loss_new > c['loss_prev']).astype(jnp.int32)
+  improved = loss_new > c['loss_best']
+  x_best = jnp.where(col(improved), x_new, c['x_best'])
+  grad_best = jnp.where(col(improved), grad_new, c['grad_best'])
+  loss_best = jnp.where(improved, loss_new, c['loss_best'])
+
+  # Checkpoint: halve eta and restart from the best point if the loss rose in at most a fraction
+  # rho of the window's steps (oscillation), or if eta was not halved at the previous checkpoint
+  # and the best loss has not improved since.
+  check = is_check[i]
+  oscillating = n_incr.astype(jnp.float32) <= window[i].astype(jnp.float32) * rho
+  stalled = ~c['reduced_last'] & (c['loss_best_last'] >= loss_best)
+  reduce = check & (oscillating | stalled)
+  return dict(
+      x=jnp.where(col(reduce), x_best, x_new),
+      x_old=c['x'],
+      grad=jnp.where(col(reduce), grad_best, grad_new),
+      eta=jnp.where(reduce, c['eta'] / 2, c['eta']),
+      loss_prev=loss_new,
+      n_incr=jnp.where(check, 0, n_incr),
+      x_best=x_best, grad_best=grad_best, loss_best=loss_best,
+      x_adv=x_adv, success=c['success'] | succ,
+      reduced_last=jnp.where(check, reduce, c['reduced_last']),
+      loss_best_last=jnp.where(check, loss_best, c['loss_best_last']),
+  )
+
+
+def _run_result(c):
   # A misclassified iterate if one was found, else the highest-loss one.
-  return jnp.where(col(c['success']), c['x_adv'], c['x_best']), c['success'], c['loss_best']
+  return jnp.where(_col(c['success']), c['x_adv'], c['x_best']), c['success'], c['loss_best']
+
+
+def _run_on_host(consts, x0, *, steps, norm, rho, momentum):
+  """`apgd_run` from the host: its init, steps in `common.host_loop` chunks, and result."""
+  c = common.call_on_host(_run_init, consts, x0)
+  c = common.host_loop(_run_step, consts, c, steps, norm=norm, rho=rho, momentum=momentum)
+  return common.call_on_host(_run_result, c)
+
+
+def _start(x, key, eps, *, norm):
+  return common.random_start(norm, key, x, eps)
+
+
+def _keep_best(logits_fn, best, x_adv, y, *, loss_fn):
+  """`common.update_best` with x_adv's success and loss (restarts of APGD-CE)."""
+  logits = logits_fn(x_adv)
+  return common.update_best(best, x_adv, common.is_success(logits, y), loss_fn(logits, y))
 
 
 def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
   _check(norm, x, y, eps, steps, rho, momentum)
   loss_fn = common.get_loss(loss)
+  if common.on_host(logits_fn, x, y, key, eps):
+    # Called with arrays (not traced): short attacks are one jitted program (this function,
+    # traced); longer ones run each run's steps from the host in programs of HOST_CHUNK unrolled
+    # steps (common.host_loop), so that they compile as fast as short ones and every step runs at
+    # the unrolled speed (APGD-L∞-100: 33 s to compile as one program).
+    if not common.host_driven(steps * restarts):
+      return common.call_on_host(_apgd, common.as_partial(logits_fn), x, y, key, norm=norm,
+                                 eps=eps, steps=steps, restarts=restarts, rho=rho,
+                                 momentum=momentum, loss=loss)
+    return _apgd_on_host(common.as_partial(logits_fn), x, y, key, norm=norm, eps=eps,
+                         steps=steps, restarts=restarts, rho=rho, momentum=momentum,
+                         loss_fn=loss_fn)
 
   def run(k):
     x0 = common.random_start(norm, k, x, eps)
@@ -126,6 +176,22 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
                     momentum=momentum)[0]
 
   return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, False)
+
+
+def _apgd_on_host(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss_fn):
+  """`_apgd`'s restarts and runs as host programs; the same steps as `apgd_run`."""
+  call = common.call_on_host
+  key = jax.random.key(0) if key is None else key
+  consts = call(_run_consts, logits_fn, jax.tree_util.Partial(loss_fn), x, y, eps, steps=steps)
+  best = None
+  for r in range(restarts):  # restart r uses fold_in(key, r), as `common.best_of_restarts`
+    x0 = call(_start, x, jax.random.fold_in(key, r), eps, norm=norm)
+    x_adv = _run_on_host(consts, x0, steps=steps, norm=norm, rho=rho, momentum=momentum)[0]
+    if restarts == 1:
+      return x_adv
+    best = call(_keep_best, logits_fn, common.init_best(x) if best is None else best, x_adv, y,
+                loss_fn=loss_fn)
+  return best.x
 
 
 @common.threat_model('linf')
@@ -159,8 +225,12 @@ def apgd_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float
   Returns:
     x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
 
+  Called with arrays (as `compile_attack` returns it), runs longer than `common.HOST_CHUNK`
+  steps go from the host as jitted chunks of that many unrolled steps (`common.host_loop`; a
+  100-step run compiled in 33 s as one program); traced inside a `jax.jit`, it is one program.
+
   Example:
-    >>> attack = jax.jit(functools.partial(apgd_linf, eps=8/255, steps=100))
+    >>> attack = attacks.compile_attack('apgd_linf(eps=8/255, steps=100)')
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   return _apgd(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, restarts=restarts,
@@ -183,7 +253,7 @@ def apgd_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
     x_adv in [0, 1] with ||x_adv - x||_2 <= eps.
 
   Example:
-    >>> attack = jax.jit(functools.partial(apgd_l2, eps=0.5, steps=100))
+    >>> attack = attacks.compile_attack('apgd_l2(eps=0.5, steps=100)')
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   return _apgd(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, restarts=restarts,
@@ -223,9 +293,14 @@ def _apgd_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho,
                      'only target is the other class and the targeted DLR loss is constant (±1); '
                      'use apgd_linf/apgd_l2')
   k = targeting.check_targets(n_targets, num_classes)
-  targets = targeting.top_targets(logits_fn(x), y, k)  # [k, N], from the clean logits
   n = x.shape[0]
   done = jnp.zeros((n,), bool) if done is None else done
+  if common.on_host(logits_fn, x, y, key, eps, done) and common.host_driven(k * restarts * steps):
+    # Called with arrays: the runs go from the host (each in `common.host_loop` chunks), and the
+    # remaining runs are skipped on the host once every example is fooled, as the reference does.
+    return _apgd_t_on_host(common.as_partial(logits_fn), x, y, key, done, norm=norm, eps=eps,
+                           steps=steps, k=k, restarts=restarts, rho=rho, momentum=momentum)
+  targets = targeting.top_targets(logits_fn(x), y, k)  # [k, N], from the clean logits
 
   def body(j, best):
     # Run j: target j // restarts (best first), restart j % restarts.
@@ -236,14 +311,49 @@ def _apgd_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho,
     x_out, succ, loss = apgd_run(logits_fn, lambda logits, yy: dlr_targeted(logits, yy, t), x,
                                  y, x0, norm=norm, eps=eps, steps=steps, rho=rho,
                                  momentum=momentum)
-    # The first successful run is final (as in the reference, which attacks only the examples
-    # still robust); until then, the run with the highest targeted DLR loss is kept.
-    take = ~best.success & (succ | (loss > best.loss))
-    return common.Best(jnp.where(_col(take), x_out, best.x), best.success | succ,
-                       jnp.where(take, loss, best.loss))
+    return _take_run(best, x_out, succ, loss)
 
-  best = common.Best(x, done, jnp.full((n,), -jnp.inf, jnp.float32))
+  best = _best_t(x, done)
   best = common.over_runs(body, best, k * restarts, steps, lambda b: jnp.all(b.success))
+  return best.x
+
+
+def _best_t(x, done):
+  return common.Best(x, done, jnp.full(done.shape, -jnp.inf, jnp.float32))
+
+
+def _take_run(best, x_out, succ, loss):
+  """The first successful run is final (as in the reference, which attacks only the examples
+  still robust); until then, the run with the highest targeted DLR loss is kept."""
+  take = ~best.success & (succ | (loss > best.loss))
+  return common.Best(jnp.where(_col(take), x_out, best.x), best.success | succ,
+                     jnp.where(take, loss, best.loss))
+
+
+def _dlr_loss(t, logits, y):
+  return dlr_targeted(logits, y, t)
+
+
+def _targets(logits_fn, x, y, *, k):
+  return targeting.top_targets(logits_fn(x), y, k)
+
+
+def _apgd_t_on_host(logits_fn, x, y, key, done, *, norm, eps, steps, k, restarts, rho, momentum):
+  """`_apgd_t`'s runs from the host; the same runs as its traced form, skipped once all is done."""
+  call = common.call_on_host
+  targets = call(_targets, logits_fn, x, y, k=k)  # [k, N], from the clean logits
+  best = call(_best_t, x, done)
+  for j in range(k * restarts):
+    if bool(jnp.all(best.success)):
+      break
+    i_t, r = j // restarts, j % restarts   # target i_t (best first), restart r
+    k_run = jax.random.fold_in(jax.random.fold_in(key, i_t), r)
+    x0 = call(_start, x, k_run, eps, norm=norm)
+    consts = call(_run_consts, logits_fn, jax.tree_util.Partial(_dlr_loss, targets[i_t]), x, y,
+                  eps, steps=steps)
+    x_out, succ, loss = _run_on_host(consts, x0, steps=steps, norm=norm, rho=rho,
+                                     momentum=momentum)
+    best = call(_take_run, best, x_out, succ, loss)
   return best.x
 
 
@@ -279,8 +389,11 @@ def apgd_t_linf(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: flo
   Returns:
     x_adv in [0, 1] with ||x_adv - x||_∞ <= eps.
 
+  Called with arrays (as `compile_attack` returns it), the runs go from the host (each in
+  `common.host_loop` chunks) and the remaining ones are skipped once every example is fooled.
+
   Example:
-    >>> attack = jax.jit(functools.partial(apgd_t_linf, eps=8/255, steps=100))
+    >>> attack = attacks.compile_attack('apgd_t_linf(eps=8/255, steps=100)')
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   return _apgd_t(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps, n_targets=n_targets,
@@ -303,8 +416,16 @@ def apgd_t_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float
     x_adv in [0, 1] with ||x_adv - x||_2 <= eps.
 
   Example:
-    >>> attack = jax.jit(functools.partial(apgd_t_l2, eps=0.5, steps=100))
+    >>> attack = attacks.compile_attack('apgd_t_l2(eps=0.5, steps=100)')
     >>> x_adv = attack(logits_fn, x, y, jax.random.key(0))
   """
   return _apgd_t(logits_fn, x, y, key, norm='l2', eps=eps, steps=steps, n_targets=n_targets,
                  restarts=restarts, rho=rho, momentum=momentum)
+
+
+# Called with arrays, APGD-CE and APGD-T jit their own programs (their runs go from the host): the
+# attack runner and `compile_attack` call them as they are instead of wrapping them in one jax.jit.
+apgd_linf.compiles_itself = True
+apgd_l2.compiles_itself = True
+apgd_t_linf.compiles_itself = True
+apgd_t_l2.compiles_itself = True

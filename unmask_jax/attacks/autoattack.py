@@ -97,11 +97,14 @@ def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: floa
     return on_host and bool(jnp.all(fooled))
 
   apgd_ce = apgd.apgd_linf if norm == 'linf' else apgd.apgd_l2
-  members = [lambda f: call(apgd_ce, logits_fn, x, y, keys[0], eps=eps, steps=steps)]
+  # The APGD members drive their own runs from the host when called with arrays (as here on the
+  # host): long runs then compile as 20-step chunks, and APGD-T skips targets once all is fooled.
+  direct = _inline if on_host else call
+  members = [lambda f: direct(apgd_ce, logits_fn, x, y, keys[0], eps=eps, steps=steps)]
   if num_classes >= 3:
-    members.append(lambda f: call(apgd._apgd_t, logits_fn, x, y, keys[1], eps=eps, done=f,
-                                  norm=norm, steps=steps, n_targets=n_targets, restarts=1,
-                                  rho=0.75, momentum=0.75))
+    members.append(lambda f: direct(apgd._apgd_t, logits_fn, x, y, keys[1], eps=eps, done=f,
+                                    norm=norm, steps=steps, n_targets=n_targets, restarts=1,
+                                    rho=0.75, momentum=0.75))
   members.append(lambda f: call(fab._fab_t, logits_fn, x, y, keys[2], eps=eps, done=f, norm=norm,
                                 steps=steps, n_targets=n_targets, alpha_max=0.1, eta=1.05,
                                 beta=0.9))

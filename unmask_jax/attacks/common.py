@@ -15,6 +15,7 @@ Conventions (all attacks):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -557,6 +558,127 @@ def early_exit(enabled: bool | None = None, *, prefix: int | None = None,
   finally:
     _early_exit.pop()
     _exit_shape.pop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-driven loops: jitted chunks of unrolled steps, "all done" checked on the host.
+# ----------------------------------------------------------------------------------------------
+# Inside one program, a loop is either unrolled (fast per step, compile time linear in the steps)
+# or a nested computation (while/scan/cond: ~3x slower per step on XLA:CPU, see above). An attack
+# called with concrete arrays (not inside a user's `jax.jit`) can do better than both: it runs its
+# loop as jitted programs of HOST_CHUNK unrolled steps each, called from Python, so every step
+# runs at the unrolled speed, the compile time is that of HOST_CHUNK steps at any step count, and
+# an early exit is checked on the host between two programs at no cost to the steps themselves
+# (benchmarks/records/5_time_to_result_gaps.md). Attacks that do this (DeepFool, CW-L2, APGD-CE)
+# are marked `compiles_itself`; traced inside a jit they fall back to `iterate`/`iterate_until`.
+# Their results are the same in both forms (tests/test_host_loops.py).
+HOST_CHUNK = 20       # steps per program: a 20-step chunk of PGD/APGD/CW compiles in ~3-6 s
+HOST_EXIT_CHUNK = 1   # steps per program between two checks for loops that usually exit early
+_host_loops: list[bool] = [True]
+
+
+@contextlib.contextmanager
+def host_loops(enabled: bool) -> Iterator[None]:
+  """Turns the host-driven loops off (or on) for attacks called inside: off, an attack called
+  with concrete arrays runs as one jitted program, as inside a user's `jax.jit` (tests,
+  benchmarks)."""
+  _host_loops.append(bool(enabled))
+  try:
+    yield
+  finally:
+    _host_loops.pop()
+
+
+def on_host(*trees: Any) -> bool:
+  """True when an attack called with these arguments may drive its loop from the host: no leaf
+  is a tracer (the attack is not being traced inside a jit) and `host_loops` is not off."""
+  if not _host_loops[-1]:
+    return False
+  leaves = jax.tree_util.tree_leaves(trees)
+  return not any(isinstance(a, jax.core.Tracer) for a in leaves)
+
+
+def host_driven(total_steps: int) -> bool:
+  """Whether an attack called with arrays whose loops total `total_steps` steps (all runs) should
+  drive them from the host rather than compile them as one unrolled program: when they are longer
+  than one HOST_CHUNK. Up to that the one program compiles faster (APGD-L∞-20 on the SynthParts
+  CNN: 4.9 s as one program against 5.5 s for the 20-step chunk plus its start and init programs)
+  and runs as fast. Loops with an early exit (DeepFool, CW's abort) do not ask: they are always
+  driven from the host, where the exit is free."""
+  return total_steps > HOST_CHUNK
+
+
+def split_static(kwargs: dict) -> tuple[tuple, dict]:
+  """(static, dynamic) parts of keyword arguments for a host program: arrays (a traced eps) are
+  program arguments, everything else (numbers, strings, functions) a compile-time constant."""
+  dynamic = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+  static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
+  return static, dynamic
+
+
+@functools.lru_cache(maxsize=None)
+def host_program(fn: Callable, static: tuple) -> Callable:
+  """`jax.jit(partial(fn, **static))`, one per (function, static parameters) for the process, so
+  that batches, models of one architecture and eps values (arrays) reuse it. `fn` must be a
+  module-level function; a `logits_fn` that is not a `jax.tree_util.Partial` goes in `static`."""
+  return jax.jit(functools.partial(fn, **dict(static)))
+
+
+def call_on_host(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+  """fn(*args, **kwargs) as the cached `host_program` (arrays traced, the rest static)."""
+  static, dynamic = split_static(kwargs)
+  return host_program(fn, static)(*args, **dynamic)
+
+
+def _chunk(consts, carry, start, *, step, done, size, params, whole):
+  """`size` steps of `step` unrolled (i = start + j, traced; or i = j, a Python int, for a
+  `whole` loop), then `done` of the result."""
+  kw = dict(params)
+  for j in range(size):
+    carry = step(consts, j if whole else start + j, carry, **kw)
+  finished = jnp.asarray(False) if done is None else done(consts, carry, **kw)
+  return carry, finished
+
+
+def as_partial(logits_fn: Callable) -> Callable:
+  """logits_fn as a `jax.tree_util.Partial`, so that it can be a host program's argument (a plain
+  function becomes part of the program's static signature: one compilation per function)."""
+  if isinstance(logits_fn, jax.tree_util.Partial):
+    return logits_fn
+  return jax.tree_util.Partial(logits_fn)
+
+
+def host_loop(step: Callable, consts: Any, carry: Any, n: int, *, chunk: int | None = None,
+              done: Callable | None = None, first: int | None = None, **params: Any) -> Any:
+  """`carry = step(consts, i, carry, **params)` for i = 0 .. n - 1, driven from the host.
+
+  Runs jitted programs of `chunk` (default HOST_CHUNK) unrolled steps (the first one of `first` steps when given, so
+  that checks can follow the steps where `done` may change), i traced as start + j. With `done`
+  (`done(consts, carry, **params)`, a scalar bool), the loop stops after the first program whose
+  result is done; the result equals the full loop's when steps are no-ops once done. `step` and
+  `done` must be module-level functions and `params` hashable (they are compile-time constants);
+  `consts` is a pytree of arrays (weights as a `jax.tree_util.Partial`, images, labels, ...).
+  Programs are cached per (step, done, size, params): a loop of any length compiles at most three
+  (the first, the chunk, the remainder).
+  """
+  check_steps(n, 'n')
+  chunk = HOST_CHUNK if chunk is None else chunk
+  check_steps(chunk, 'chunk')
+  static = tuple(sorted(params.items()))
+  # A loop that is one program anyway is compiled with i as Python ints, as the unrolled form:
+  # steps whose schedule depends on i (APGD's checkpoints) then fold it at compile time, which
+  # compiled APGD-20 in 4.5 s instead of 7 s with i traced.
+  whole = done is None and n <= chunk
+  i = 0
+  while i < n:
+    size = min(first if (i == 0 and first) else chunk, n - i)
+    prog = host_program(_chunk, (('done', done), ('params', static), ('size', size),
+                                 ('step', step), ('whole', whole)))
+    carry, finished = prog(consts, carry, jnp.asarray(i, jnp.int32))
+    i += size
+    if done is not None and i < n and bool(finished):
+      break
+  return carry
 
 
 # ----------------------------------------------------------------------------------------------
