@@ -79,7 +79,9 @@ def test_smoke_writes_every_row_and_column(smoke):
     assert header in text, header
   assert rows[('fgsm', '-')][COL['loop form']] == 'single step'
   assert rows[('pgd_linf', '2')][COL['loop form']] == 'unrolled 2'
-  assert rows[('cw_l2_abort', '2 per round')][COL['loop form']] == '2 runs unrolled; unrolled 2 x2'
+  # DeepFool and CW (and APGD) run their loops from the host: one check per step at 2-3 steps.
+  assert rows[('cw_l2_abort', '2 per round')][COL['loop form']] == 'host 2 in chunks of 1 with exit x2'
+  assert rows[('deepfool', '2')][COL['loop form']] == 'host 2 in chunks of 1 with exit'
   for key, r in rows.items():
     compile_s = float(r[COL['compile s']])
     assert compile_s > 0
@@ -113,7 +115,10 @@ def test_smoke_writes_every_row_and_column(smoke):
     assert r['goal_miss'] is False
     if r['attack'] == 'cw_l2_abort':
       assert 'abort_early=True' in r['spec'], r['spec']
-      assert r['loop_form'] == f'2 runs unrolled; unrolled {r["steps"]} x2', r
+      assert r['loop_form'] == f'host {r["steps"]} in chunks of 1 with exit x2', r
+      assert r['host_driven'] and r['cold_call_s'] >= r['compile_s'], r
+    elif r['attack'] == 'deepfool':
+      assert r['loop_form'] == f'host {r["steps"]} in chunks of 1 with exit', r
     else:
       assert r['loop_form'] in ('single step', f'unrolled {r["steps"]}'), r  # 2-3 steps: unrolled
 
