@@ -390,11 +390,25 @@ def test_no_retracing_across_batches_and_weights():
     x = uniform(100 + seed, (4,) + SHAPE)
     attack(fn, x, jnp.zeros((4,), jnp.int32), jax.random.key(seed, impl='rbg')).block_until_ready()
   # The compile_attack convention itself: one compiled program for all same-shaped calls.
-  compiled = attacks.compile_attack('mifgsm_l2(eps=0.5, steps=3)')
+  compiled = attacks.compile_attack('fgsm(eps=0.5)')
   for seed in range(3):
     fn = Partial(linear_apply, random_linear(seed))
     compiled(fn, jnp.full((4,) + SHAPE, 0.5), jnp.zeros((4,), jnp.int32), KEY)
   assert compiled._cache_size() == 1
+  # Attacks that compile their own programs (host-driven loops) compile nothing after the first
+  # call either: new weights, batch and key reuse every program.
+  compiles = []
+  listener = lambda name, secs, **_: compiles.append(name)
+  for spec in ('mifgsm_l2(eps=0.5, steps=3)', 'pgd_linf(eps=0.1, steps=30)', 'deepfool(steps=5)'):
+    host = attacks.compile_attack(spec)
+    for seed in range(3):
+      if seed == 1:
+        jax.monitoring.register_event_duration_secs_listener(listener)
+      fn = Partial(linear_apply, random_linear(seed))
+      host(fn, uniform(100 + seed, (4,) + SHAPE), jnp.zeros((4,), jnp.int32),
+           jax.random.key(seed, impl='rbg')).block_until_ready()
+    jax.monitoring.unregister_event_duration_listener(listener)
+    assert '/jax/core/compile/backend_compile_duration' not in compiles, (spec, compiles)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_attacks import D, KEY, SHAPE, mlp_apply, normal
 from unmask_jax import attacks
-from unmask_jax.attacks import apgd, common, cw, deepfool
+from unmask_jax.attacks import apgd, common, cw, deepfool, mifgsm, pgd
 
 Partial = jax.tree_util.Partial
 
@@ -108,41 +108,62 @@ def test_cw_on_host_equals_one_program(mlp, monkeypatch, abort_early):
                                  fn, x, y, KEY))), x, 0.3)), atol=1e-6)
 
 
-@pytest.mark.parametrize('name,eps,restarts', [('apgd_linf', 0.1, 1), ('apgd_linf', 0.1, 2),
-                                               ('apgd_l2', 0.5, 1)])
-def test_apgd_on_host_equals_one_program_in_chunks(mlp, monkeypatch, name, eps, restarts):
+@pytest.mark.parametrize('spec,module,step,runs', [
+    ('apgd_linf(eps=0.1, steps=10)', apgd, '_run_step', 1),
+    ('apgd_linf(eps=0.1, steps=10, restarts=2)', apgd, '_run_step', 2),
+    ('apgd_l2(eps=0.5, steps=10)', apgd, '_run_step', 1),
+    ('pgd_linf(eps=0.1, steps=10, restarts=2)', pgd, '_step', 2),
+    ('pgd_l2(eps=0.5, steps=10)', pgd, '_step', 1),
+    ('bim(eps=0.1, steps=10)', pgd, '_step', 1),
+    ('mifgsm_linf(eps=0.1, steps=10)', mifgsm, '_step', 1),
+    ('mifgsm_l2(eps=0.5, steps=10)', mifgsm, '_step', 1)])
+def test_long_runs_on_host_equal_one_program_in_chunks(mlp, monkeypatch, spec, module, step, runs):
   fn, x, y = mlp
   monkeypatch.setattr(common, 'HOST_CHUNK', 4)
   traced = []
-  step = apgd._run_step
+  real = getattr(module, step)
 
   def counted(consts, i, c, **kw):
     traced.append(i)
-    return step(consts, i, c, **kw)
+    return real(consts, i, c, **kw)
 
-  monkeypatch.setattr(apgd, '_run_step', counted)
-  attack = attacks.parse_attack(f'{name}(eps={eps}, steps=10, restarts={restarts})').partial()
+  monkeypatch.setattr(module, step, counted)
+  attack = attacks.parse_attack(spec).partial()
   _compare(attack, fn, x, y, atol=1e-6)
-  # The host programs hold at most HOST_CHUNK steps (4, 4, then 2; reused across restarts): the
-  # longest unrolled run of traced step indices is 4, not 10; the one jax.jit traced all 10 per
-  # restart (after them).
-  host_traces = traced[:len(traced) - 10 * restarts]
+  # The host programs hold at most HOST_CHUNK steps (4, 4, then 2; reused across restarts): two
+  # programs traced, not one of 10 steps; the one jax.jit traced all 10 per restart (after them).
+  host_traces = traced[:len(traced) - 10 * runs]
   assert len(host_traces) == 4 + 2, host_traces
   # Up to HOST_CHUNK steps in all, the attack is one program (its traced form, i Python ints).
   traced.clear()
-  short = attacks.parse_attack(f'{name}(eps={eps}, steps=4)').partial()
+  short = attacks.parse_attack(spec.replace('steps=10', 'steps=4').replace(
+      ', restarts=2', '')).partial()
   np.testing.assert_array_equal(np.asarray(short(fn, x, y, KEY)),
                                 np.asarray(jax.jit(short)(fn, x, y, KEY)))
   assert traced == [0, 1, 2, 3] * 2
 
 
+def test_pgd_with_an_objective_on_host_is_one_program(mlp):
+  """An objective (the adaptive attacks' form) passed as a Partial is an argument of the one
+  program, so a new objective over the same function does not recompile."""
+  fn, x, y = mlp
+  attack = attacks.compile_attack('pgd_linf(eps=0.1, steps=5)')
+  ce = lambda f, xx, yy, kk: common.cross_entropy(f(xx), yy)
+  got = attack(fn, x, y, KEY, objective=Partial(ce, fn))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(attack(fn, x, y, KEY)), atol=1e-6)
+  assert common.host_program.cache_info().currsize == 2   # with and without the objective
+  attack(fn, x, y, KEY, objective=Partial(ce, fn))
+  assert common.host_program.cache_info().currsize == 2
+
+
 def test_host_driven_attacks_are_not_wrapped_in_one_jit():
   for spec in ('deepfool', 'cw_l2', 'apgd_linf(eps=0.03)', 'apgd_l2(eps=0.5)',
-               'autoattack(eps=0.03)'):
+               'apgd_t_linf(eps=0.03)', 'pgd_linf(eps=0.03)', 'pgd_l2(eps=0.5)', 'bim(eps=0.03)',
+               'mifgsm_linf(eps=0.03)', 'mifgsm_l2(eps=0.5)', 'autoattack(eps=0.03)'):
     aspec = attacks.parse_attack(spec)
     assert attacks.compiles_itself(aspec.fn), spec
     assert not hasattr(aspec.compile(), 'lower'), spec   # not a jax.jit
-  assert hasattr(attacks.compile_attack('pgd_linf(eps=0.03)'), 'lower')
+  assert hasattr(attacks.compile_attack('fgsm(eps=0.03)'), 'lower')
   with common.host_loops(False):
     assert not common.on_host(jnp.zeros(2))
   assert common.on_host(jnp.zeros(2)) and not common.host_driven(common.HOST_CHUNK)

@@ -148,12 +148,6 @@ def _start(x, key, eps, *, norm):
   return common.random_start(norm, key, x, eps)
 
 
-def _keep_best(logits_fn, best, x_adv, y, *, loss_fn):
-  """`common.update_best` with x_adv's success and loss (restarts of APGD-CE)."""
-  logits = logits_fn(x_adv)
-  return common.update_best(best, x_adv, common.is_success(logits, y), loss_fn(logits, y))
-
-
 def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
   _check(norm, x, y, eps, steps, rho, momentum)
   loss_fn = common.get_loss(loss)
@@ -167,8 +161,7 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
                                  eps=eps, steps=steps, restarts=restarts, rho=rho,
                                  momentum=momentum, loss=loss)
     return _apgd_on_host(common.as_partial(logits_fn), x, y, key, norm=norm, eps=eps,
-                         steps=steps, restarts=restarts, rho=rho, momentum=momentum,
-                         loss_fn=loss_fn)
+                         steps=steps, restarts=restarts, rho=rho, momentum=momentum, loss=loss)
 
   def run(k):
     x0 = common.random_start(norm, k, x, eps)
@@ -178,20 +171,18 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
   return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, False)
 
 
-def _apgd_on_host(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss_fn):
+def _apgd_on_host(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
   """`_apgd`'s restarts and runs as host programs; the same steps as `apgd_run`."""
-  call = common.call_on_host
   key = jax.random.key(0) if key is None else key
-  consts = call(_run_consts, logits_fn, jax.tree_util.Partial(loss_fn), x, y, eps, steps=steps)
-  best = None
-  for r in range(restarts):  # restart r uses fold_in(key, r), as `common.best_of_restarts`
-    x0 = call(_start, x, jax.random.fold_in(key, r), eps, norm=norm)
-    x_adv = _run_on_host(consts, x0, steps=steps, norm=norm, rho=rho, momentum=momentum)[0]
-    if restarts == 1:
-      return x_adv
-    best = call(_keep_best, logits_fn, common.init_best(x) if best is None else best, x_adv, y,
-                loss_fn=loss_fn)
-  return best.x
+  consts = common.call_on_host(_run_consts, logits_fn,
+                               jax.tree_util.Partial(common.get_loss(loss)), x, y, eps,
+                               steps=steps)
+
+  def run(k):
+    x0 = common.call_on_host(_start, x, k, eps, norm=norm)
+    return _run_on_host(consts, x0, steps=steps, norm=norm, rho=rho, momentum=momentum)[0]
+
+  return common.best_of_restarts_on_host(run, logits_fn, x, y, key, restarts, loss, False)
 
 
 @common.threat_model('linf')

@@ -38,3 +38,7 @@ def bim(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float, step
   return pgd.projected_ascent(logits_fn, x, y, key, norm='linf', eps=eps, steps=steps,
                               step_size=step_size, random_start=False, restarts=1,
                               targeted=targeted, loss=loss)
+
+
+# Called with arrays, BIM jits its own programs (pgd.projected_ascent: long runs go from the host).
+bim.compiles_itself = True

@@ -609,9 +609,11 @@ def host_driven(total_steps: int) -> bool:
 
 
 def split_static(kwargs: dict) -> tuple[tuple, dict]:
-  """(static, dynamic) parts of keyword arguments for a host program: arrays (a traced eps) are
-  program arguments, everything else (numbers, strings, functions) a compile-time constant."""
-  dynamic = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+  """(static, dynamic) parts of keyword arguments for a host program: arrays (a traced eps) and
+  `jax.tree_util.Partial`s (an objective over weights) are program arguments, everything else
+  (numbers, strings, plain functions) a compile-time constant."""
+  dynamic = {k: v for k, v in kwargs.items()
+             if isinstance(v, (jax.Array, np.ndarray, jax.tree_util.Partial))}
   static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
   return static, dynamic
 
@@ -760,6 +762,30 @@ def ascend_objective(objective: Callable, success: Callable | None, x: Array, y:
       better = (b.success & ~best.success) | ((b.success == best.success) & (b.loss > best.loss))
       best = Best(jnp.where(_bcast(better, x), b.x, best.x), best.success | b.success,
                   jnp.where(better, b.loss, best.loss))
+  return best.x
+
+
+def _keep_best(logits_fn, best, x_adv, y, *, loss, targeted):
+  """`update_best` with x_adv's success and (signed) loss: one host program per restart."""
+  logits = logits_fn(x_adv)
+  sign = -1.0 if targeted else 1.0
+  return update_best(best, x_adv, is_success(logits, y, targeted),
+                     sign * get_loss(loss)(logits, y))
+
+
+def best_of_restarts_on_host(run: Callable[[Array], Array], logits_fn: LogitsFn, x: Array,
+                             y: Array, key: Array, restarts: int, loss: str,
+                             targeted: bool) -> Array:
+  """`best_of_restarts` for attacks called with arrays: `run(key_r)` calls host programs, and
+  keeping the best is one more (`loss` is the loss's name, a compile-time constant)."""
+  check_steps(restarts, 'restarts')
+  best = None
+  for r in range(restarts):
+    x_adv = run(None if key is None else jax.random.fold_in(key, r))
+    if restarts == 1:
+      return x_adv
+    best = call_on_host(_keep_best, logits_fn, init_best(x) if best is None else best, x_adv, y,
+                        loss=loss, targeted=targeted)
   return best.x
 
 

@@ -13,19 +13,33 @@ def _mifgsm(logits_fn, x, y, *, norm, eps, steps, step_size, decay, targeted, lo
   common.check_steps(steps)
   common.check_positive(decay, 'decay', allow_zero=True)
   alpha = common.default_step_size(eps, steps, step_size)
-  loss_fn = common.get_loss(loss)
-
-  def body(_, carry):
-    x_adv, g = carry
-    _, grad, _ = common.loss_and_grad(logits_fn, loss_fn, x_adv, y, targeted)
-    # The L1 normalisation makes the gradients of different steps commensurate, so that the
-    # accumulated direction is not dominated by whichever step had the largest gradient.
-    g = decay * g + common.normalize_l1(grad)
-    x_adv = common.project(norm, x_adv + alpha * common.steepest_step(norm, g), x, eps)
-    return x_adv, g
-
-  x_adv, _ = common.iterate(body, (x, jnp.zeros_like(x)), steps)
+  common.get_loss(loss)  # an unknown loss fails here, before anything runs
+  hyper = dict(norm=norm, decay=decay, targeted=targeted, loss=loss)
+  if common.on_host(logits_fn, x, y, eps, alpha):
+    # Called with arrays: one jitted program up to HOST_CHUNK steps, else the steps go from the
+    # host in programs of HOST_CHUNK unrolled steps (common.host_loop; see pgd.projected_ascent).
+    logits_fn = common.as_partial(logits_fn)
+    if not common.host_driven(steps):
+      return common.call_on_host(_mifgsm, logits_fn, x, y, norm=norm, eps=eps, steps=steps,
+                                 step_size=step_size, decay=decay, targeted=targeted, loss=loss)
+    return common.host_loop(_step, (logits_fn, x, y, eps, alpha), (x, jnp.zeros_like(x)),
+                            steps, **hyper)[0]
+  consts = (logits_fn, x, y, eps, alpha)
+  x_adv, _ = common.iterate(lambda i, c: _step(consts, i, c, **hyper), (x, jnp.zeros_like(x)),
+                            steps)
   return x_adv
+
+
+def _step(consts, i, carry, *, norm, decay, targeted, loss):
+  del i
+  logits_fn, x, y, eps, alpha = consts
+  x_adv, g = carry
+  _, grad, _ = common.loss_and_grad(logits_fn, common.get_loss(loss), x_adv, y, targeted)
+  # The L1 normalisation makes the gradients of different steps commensurate, so that the
+  # accumulated direction is not dominated by whichever step had the largest gradient.
+  g = decay * g + common.normalize_l1(grad)
+  x_adv = common.project(norm, x_adv + alpha * common.steepest_step(norm, g), x, eps)
+  return x_adv, g
 
 
 @common.threat_model('linf')
@@ -86,3 +100,8 @@ def mifgsm_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float
   del key
   return _mifgsm(logits_fn, x, y, norm='l2', eps=eps, steps=steps, step_size=step_size,
                  decay=decay, targeted=targeted, loss=loss)
+
+
+# Called with arrays, MI-FGSM jits its own programs (long runs go from the host).
+mifgsm_linf.compiles_itself = True
+mifgsm_l2.compiles_itself = True
