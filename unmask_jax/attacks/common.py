@@ -322,6 +322,11 @@ def validate_inputs(x: Any, y: Any, num_classes: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------------
 # The one place that decides how a loop over attack steps is compiled.
 # ----------------------------------------------------------------------------------------------
+# Two cases. An attack called with arrays (as `compile_attack` and the attack runner call it) runs
+# loops longer than HOST_CHUNK steps, and every loop with an early exit, from the host in jitted
+# chunks (`host_loop`, `host_driven`, the section "Host-driven loops" below). Inside one program
+# (an attack traced inside a user's `jax.jit`, adversarial training, adaptive attacks, and short
+# loops), the rules that follow apply.
 # Rolled loops (lax.scan / fori_loop) over conv input-gradients ran about 2x slower on XLA:CPU than
 # the same steps unrolled, also with several steps per rolled iteration, so the slowdown is in how
 # XLA:CPU runs conv gradients inside a while loop (BENCHMARKS.md, "Loop form of iterative attacks",

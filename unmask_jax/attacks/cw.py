@@ -97,8 +97,12 @@ def cw_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float | N
     # round once every example has stopped), and rounds that would replay the previous one are
     # skipped on the host (common.host_loop).
     consts = common.call_on_host(_consts, common.as_partial(logits_fn), x, y, steps=steps)
-    if abort_early:  # a check after step 0 and after every check_every steps from then on
-      loop = dict(chunk=check_every, first=1, done=_round_done)
+    if abort_early:
+      # Programs end right after step 0 and then every check_every steps, where the abort checks
+      # are (so the round is left as soon as they stop it), but hold at most HOST_CHUNK steps:
+      # at 1000 steps a 100-step program took 50 s to compile; then the round may run up to
+      # HOST_CHUNK - 1 no-op steps after its last check.
+      loop = dict(chunk=min(check_every, common.HOST_CHUNK), first=1, done=_round_done)
     else:
       loop = dict(chunk=common.HOST_CHUNK)
     for r in range(binary_search_steps):
