@@ -574,8 +574,9 @@ def early_exit(enabled: bool | None = None, *, prefix: int | None = None,
 # loop as jitted programs of HOST_CHUNK unrolled steps each, called from Python, so every step
 # runs at the unrolled speed, the compile time is that of HOST_CHUNK steps at any step count, and
 # an early exit is checked on the host between two programs at no cost to the steps themselves
-# (benchmarks/records/5_time_to_result_gaps.md). Attacks that do this (DeepFool, CW-L2, APGD-CE)
-# are marked `compiles_itself`; traced inside a jit they fall back to `iterate`/`iterate_until`.
+# (benchmarks/records/5_time_to_result_gaps.md). Attacks that do this (PGD, BIM, MI-FGSM, APGD-CE,
+# APGD-T, CW-L2, DeepFool; AutoAttack through its members) are marked `compiles_itself`; traced
+# inside a jit they fall back to `iterate`/`iterate_until`/`over_runs`.
 # Their results are the same in both forms (tests/test_host_loops.py).
 HOST_CHUNK = 20       # steps per program: a 20-step chunk of PGD/APGD/CW compiles in ~3-6 s
 HOST_EXIT_CHUNK = 1   # steps per program between two checks for loops that usually exit early
@@ -659,8 +660,9 @@ def host_loop(step: Callable, consts: Any, carry: Any, n: int, *, chunk: int | N
               done: Callable | None = None, first: int | None = None, **params: Any) -> Any:
   """`carry = step(consts, i, carry, **params)` for i = 0 .. n - 1, driven from the host.
 
-  Runs jitted programs of `chunk` (default HOST_CHUNK) unrolled steps (the first one of `first` steps when given, so
-  that checks can follow the steps where `done` may change), i traced as start + j. With `done`
+  Runs jitted programs of `chunk` (default HOST_CHUNK) unrolled steps (the first one of `first`
+  steps when given, so that checks can follow the steps where `done` may change), i traced as
+  start + j (Python ints when the whole loop is one program without `done`). With `done`
   (`done(consts, carry, **params)`, a scalar bool), the loop stops after the first program whose
   result is done; the result equals the full loop's when steps are no-ops once done. `step` and
   `done` must be module-level functions and `params` hashable (they are compile-time constants);
