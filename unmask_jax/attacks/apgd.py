@@ -144,10 +144,6 @@ def _run_on_host(consts, x0, *, steps, norm, rho, momentum):
   return common.call_on_host(_run_result, c)
 
 
-def _start(x, key, eps, *, norm):
-  return common.random_start(norm, key, x, eps)
-
-
 def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, loss):
   _check(norm, x, y, eps, steps, rho, momentum)
   loss_fn = common.get_loss(loss)
@@ -179,7 +175,7 @@ def _apgd_on_host(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, mome
                                steps=steps)
 
   def run(k):
-    x0 = common.call_on_host(_start, x, k, eps, norm=norm)
+    x0 = common.call_on_host(common.random_start, norm=norm, key=k, x=x, eps=eps)
     return _run_on_host(consts, x0, steps=steps, norm=norm, rho=rho, momentum=momentum)[0]
 
   return common.best_of_restarts_on_host(run, logits_fn, x, y, key, restarts, loss, False)
@@ -339,7 +335,7 @@ def _apgd_t_on_host(logits_fn, x, y, key, done, *, norm, eps, steps, k, restarts
       break
     i_t, r = j // restarts, j % restarts   # target i_t (best first), restart r
     k_run = jax.random.fold_in(jax.random.fold_in(key, i_t), r)
-    x0 = call(_start, x, k_run, eps, norm=norm)
+    x0 = call(common.random_start, norm=norm, key=k_run, x=x, eps=eps)
     consts = call(_run_consts, logits_fn, jax.tree_util.Partial(_dlr_loss, targets[i_t]), x, y,
                   eps, steps=steps)
     x_out, succ, loss = _run_on_host(consts, x0, steps=steps, norm=norm, rho=rho,

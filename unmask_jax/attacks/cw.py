@@ -91,7 +91,8 @@ def cw_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float | N
            jnp.full((n,), _NO_UPPER, jnp.float32), jnp.full((n,), jnp.inf, jnp.float32), x,
            jnp.full((n,), jnp.nan, jnp.float32))
 
-  if common.on_host(logits_fn, x, y, eps):
+  on_host = common.on_host(logits_fn, x, y, eps)
+  if on_host:
     # Called with arrays (not traced): every round runs from the host in programs of HOST_CHUNK
     # unrolled steps (with abort_early: one program between two abort checks, which stops the
     # round once every example has stopped), and rounds that would replay the previous one are
@@ -131,8 +132,9 @@ def cw_l2(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float | N
     # skips them. (In float32 the search reaches such a fixed point only after dozens of rounds; a
     # tolerance on the interval would stop sooner but change results, so there is none.)
     state = common.over_runs(round_, state, binary_search_steps, steps, _replays)
-  return common.call_on_host(_finish, x, state[4], eps=eps) if common.on_host(x, eps) else (
-      _finish(x, state[4], eps=eps))
+  if on_host:
+    return common.call_on_host(_finish, x, state[4], eps=eps)
+  return _finish(x, state[4], eps=eps)
 
 
 def _to_image(w):

@@ -48,7 +48,8 @@ def projected_ascent(logits_fn, x, y, key, *, norm, eps, steps, step_size, rando
     consts = (logits_fn, x, y, eps, alpha)
 
     def run_on_host(k):
-      x0 = common.call_on_host(_start, x, k, eps, norm=norm) if random_start else x
+      x0 = (common.call_on_host(common.random_start, norm=norm, key=k, x=x, eps=eps)
+            if random_start else x)
       return common.host_loop(_step, consts, x0, steps, **hyper)
 
     return common.best_of_restarts_on_host(run_on_host, logits_fn, x, y, key, restarts, loss,
@@ -72,10 +73,6 @@ def _step(consts, i, x_adv, *, norm, loss, targeted):
   logits_fn, x, y, eps, alpha = consts
   _, g, _ = common.loss_and_grad(logits_fn, common.get_loss(loss), x_adv, y, targeted)
   return common.project(norm, x_adv + alpha * common.steepest_step(norm, g), x, eps)
-
-
-def _start(x, key, eps, *, norm):
-  return common.random_start(norm, key, x, eps)
 
 
 @common.threat_model('linf')
