@@ -143,6 +143,30 @@ def test_long_runs_on_host_equal_one_program_in_chunks(mlp, monkeypatch, spec, m
   assert traced == [0, 1, 2, 3] * 2
 
 
+def test_apgd_t_on_host_short_is_one_program_long_runs_in_chunks(mlp, monkeypatch):
+  """Every host-driven attack dispatches through common.run_from_host: APGD-T whose runs total
+  at most HOST_CHUNK steps is one program (not executed op by op), longer it runs from the host
+  with the one-program result."""
+  fn, x, y = mlp
+  monkeypatch.setattr(common, 'HOST_CHUNK', 4)
+  calls = []
+  real = common.call_on_host
+
+  def recorded(f, *args, **kwargs):
+    calls.append(f.__name__)
+    return real(f, *args, **kwargs)
+
+  monkeypatch.setattr(common, 'call_on_host', recorded)
+  short = attacks.parse_attack('apgd_t_linf(eps=0.1, steps=2, n_targets=2)').partial()
+  np.testing.assert_array_equal(np.asarray(short(fn, x, y, KEY)),
+                                np.asarray(jax.jit(short)(fn, x, y, KEY)))
+  assert calls == ['_apgd_t']
+  calls.clear()
+  long = attacks.parse_attack('apgd_t_linf(eps=0.1, steps=6, n_targets=2)').partial()
+  _compare(long, fn, x, y, atol=1e-6)
+  assert '_apgd_t' not in calls and '_targets' in calls, calls
+
+
 def test_pgd_with_an_objective_on_host_is_one_program(mlp):
   """An objective (the adaptive attacks' form) passed as a Partial is an argument of the one
   program, so a new objective over the same function does not recompile."""

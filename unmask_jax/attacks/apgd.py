@@ -152,12 +152,9 @@ def _apgd(logits_fn, x, y, key, *, norm, eps, steps, restarts, rho, momentum, lo
     # traced); longer ones run each run's steps from the host in programs of HOST_CHUNK unrolled
     # steps (common.host_loop), so that they compile as fast as short ones and every step runs at
     # the unrolled speed (APGD-L∞-100: 33 s to compile as one program).
-    if not common.host_driven(steps * restarts):
-      return common.call_on_host(_apgd, common.as_partial(logits_fn), x, y, key, norm=norm,
-                                 eps=eps, steps=steps, restarts=restarts, rho=rho,
-                                 momentum=momentum, loss=loss)
-    return _apgd_on_host(common.as_partial(logits_fn), x, y, key, norm=norm, eps=eps,
-                         steps=steps, restarts=restarts, rho=rho, momentum=momentum, loss=loss)
+    return common.run_from_host(_apgd, _apgd_on_host, steps * restarts, logits_fn, x, y, key,
+                                norm=norm, eps=eps, steps=steps, restarts=restarts, rho=rho,
+                                momentum=momentum, loss=loss)
 
   def run(k):
     x0 = common.random_start(norm, k, x, eps)
@@ -282,11 +279,12 @@ def _apgd_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho,
   k = targeting.check_targets(n_targets, num_classes)
   n = x.shape[0]
   done = jnp.zeros((n,), bool) if done is None else done
-  if common.on_host(logits_fn, x, y, key, eps, done) and common.host_driven(k * restarts * steps):
+  if common.on_host(logits_fn, x, y, key, eps, done):
     # Called with arrays: the runs go from the host (each in `common.host_loop` chunks), and the
     # remaining runs are skipped on the host once every example is fooled, as the reference does.
-    return _apgd_t_on_host(common.as_partial(logits_fn), x, y, key, done, norm=norm, eps=eps,
-                           steps=steps, k=k, restarts=restarts, rho=rho, momentum=momentum)
+    return common.run_from_host(_apgd_t, _apgd_t_on_host, k * restarts * steps, logits_fn, x, y,
+                                key, norm=norm, eps=eps, steps=steps, n_targets=k,
+                                restarts=restarts, rho=rho, momentum=momentum, done=done)
   targets = targeting.top_targets(logits_fn(x), y, k)  # [k, N], from the clean logits
 
   def body(j, best):
@@ -325,9 +323,11 @@ def _targets(logits_fn, x, y, *, k):
   return targeting.top_targets(logits_fn(x), y, k)
 
 
-def _apgd_t_on_host(logits_fn, x, y, key, done, *, norm, eps, steps, k, restarts, rho, momentum):
+def _apgd_t_on_host(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho,
+                    momentum, done):
   """`_apgd_t`'s runs from the host; the same runs as its traced form, skipped once all is done."""
   call = common.call_on_host
+  k = n_targets
   targets = call(_targets, logits_fn, x, y, k=k)  # [k, N], from the clean logits
   best = call(_best_t, x, done)
   for j in range(k * restarts):

@@ -656,6 +656,20 @@ def as_partial(logits_fn: Callable) -> Callable:
   return jax.tree_util.Partial(logits_fn)
 
 
+def run_from_host(traced: Callable, host: Callable, total_steps: int, logits_fn: Callable,
+                  *args: Any, one_program: bool = False, **kwargs: Any) -> Any:
+  """How a host-driven attack called with arrays (`on_host` true) runs: `traced` (the attack
+  itself, re-entered with tracers so that it takes its traced path) as one jitted host program
+  when its loops total at most HOST_CHUNK steps (`host_driven`) or `one_program` is set; longer,
+  `host(logits_fn, *args, **kwargs)`, which drives its loops in `host_loop` chunks. `logits_fn`
+  is made a `jax.tree_util.Partial` either way, so that models of one architecture share the
+  programs. The one dispatch behind PGD, BIM, MI-FGSM, APGD-CE and APGD-T."""
+  logits_fn = as_partial(logits_fn)
+  if one_program or not host_driven(total_steps):
+    return call_on_host(traced, logits_fn, *args, **kwargs)
+  return host(logits_fn, *args, **kwargs)
+
+
 def host_loop(step: Callable, consts: Any, carry: Any, n: int, *, chunk: int | None = None,
               done: Callable | None = None, first: int | None = None, **params: Any) -> Any:
   """`carry = step(consts, i, carry, **params)` for i = 0 .. n - 1, driven from the host.

@@ -18,16 +18,20 @@ def _mifgsm(logits_fn, x, y, *, norm, eps, steps, step_size, decay, targeted, lo
   if common.on_host(logits_fn, x, y, eps, alpha):
     # Called with arrays: one jitted program up to HOST_CHUNK steps, else the steps go from the
     # host in programs of HOST_CHUNK unrolled steps (common.host_loop; see pgd.projected_ascent).
-    logits_fn = common.as_partial(logits_fn)
-    if not common.host_driven(steps):
-      return common.call_on_host(_mifgsm, logits_fn, x, y, norm=norm, eps=eps, steps=steps,
-                                 step_size=step_size, decay=decay, targeted=targeted, loss=loss)
-    return common.host_loop(_step, (logits_fn, x, y, eps, alpha), (x, jnp.zeros_like(x)),
-                            steps, **hyper)[0]
+    return common.run_from_host(_mifgsm, _mifgsm_on_host, steps, logits_fn, x, y, norm=norm,
+                                eps=eps, steps=steps, step_size=step_size, decay=decay,
+                                targeted=targeted, loss=loss)
   consts = (logits_fn, x, y, eps, alpha)
   x_adv, _ = common.iterate(lambda i, c: _step(consts, i, c, **hyper), (x, jnp.zeros_like(x)),
                             steps)
   return x_adv
+
+
+def _mifgsm_on_host(logits_fn, x, y, *, norm, eps, steps, step_size, decay, targeted, loss):
+  """`_mifgsm`'s steps from the host (`common.host_loop`); the same steps as its traced form."""
+  consts = (logits_fn, x, y, eps, common.default_step_size(eps, steps, step_size))
+  return common.host_loop(_step, consts, (x, jnp.zeros_like(x)), steps, norm=norm, decay=decay,
+                          targeted=targeted, loss=loss)[0]
 
 
 def _step(consts, i, carry, *, norm, decay, targeted, loss):

@@ -39,22 +39,11 @@ def projected_ascent(logits_fn, x, y, key, *, norm, eps, steps, step_size, rando
     # jitted program (this function, traced); longer, each run's steps go from the host in
     # programs of HOST_CHUNK unrolled steps (common.host_loop): PGD-L∞-100 ran 1.8x slower per
     # step unrolled as one program than at 20 steps, and rolled above MAX_UNROLL ~3x slower.
-    logits_fn = common.as_partial(logits_fn)
-    if objective is not None or not common.host_driven(steps * restarts):
-      return common.call_on_host(projected_ascent, logits_fn, x, y, key, norm=norm, eps=eps,
-                                 steps=steps, step_size=step_size, random_start=random_start,
-                                 restarts=restarts, targeted=targeted, loss=loss,
-                                 objective=objective, success=success)
-    consts = (logits_fn, x, y, eps, alpha)
-
-    def run_on_host(k):
-      x0 = (common.call_on_host(common.random_start, norm=norm, key=k, x=x, eps=eps)
-            if random_start else x)
-      return common.host_loop(_step, consts, x0, steps, **hyper)
-
-    return common.best_of_restarts_on_host(run_on_host, logits_fn, x, y, key, restarts, loss,
-                                           targeted)
-
+    return common.run_from_host(projected_ascent, _projected_ascent_on_host, steps * restarts,
+                                logits_fn, x, y, key, one_program=objective is not None,
+                                norm=norm, eps=eps, steps=steps, step_size=step_size,
+                                random_start=random_start, restarts=restarts, targeted=targeted,
+                                loss=loss, objective=objective, success=success)
   if objective is not None:
     return common.ascend_objective(objective, success, x, y, key, norm=norm, eps=eps, steps=steps,
                                    alpha=alpha, random_init=random_start, restarts=restarts)
@@ -65,6 +54,20 @@ def projected_ascent(logits_fn, x, y, key, *, norm, eps, steps, step_size, rando
     return common.iterate(lambda i, x_adv: _step(consts, i, x_adv, **hyper), x0, steps)
 
   return common.best_of_restarts(run, logits_fn, x, y, key, restarts, loss_fn, targeted)
+
+
+def _projected_ascent_on_host(logits_fn, x, y, key, *, norm, eps, steps, step_size,
+                              random_start, restarts, targeted, loss, objective, success):
+  """`projected_ascent`'s restarts and steps from the host; the same steps as its traced form."""
+  del objective, success  # with an objective the attack is one program (run_from_host)
+  consts = (logits_fn, x, y, eps, common.default_step_size(eps, steps, step_size))
+
+  def run(k):
+    x0 = (common.call_on_host(common.random_start, norm=norm, key=k, x=x, eps=eps)
+          if random_start else x)
+    return common.host_loop(_step, consts, x0, steps, norm=norm, loss=loss, targeted=targeted)
+
+  return common.best_of_restarts_on_host(run, logits_fn, x, y, key, restarts, loss, targeted)
 
 
 def _step(consts, i, x_adv, *, norm, loss, targeted):
