@@ -43,8 +43,8 @@ Goals (issue #15): no attack takes more than 30 s to compile at any step count o
 (a compile above that is flagged MISS in the table); DeepFool and CW-L2 at >= 1x foolbox (steady
 state, same images), stated per step count below the table with the numbers.
 
-Attacks that drive their loops from the host (DeepFool, CW-L2, APGD, APGD-T, AutoAttack:
-`attacks.compiles_itself`) have no single program to compile ahead of time: their compile time is
+Attacks that drive their loops from the host (PGD, BIM, MI-FGSM, APGD, APGD-T, FAB-T, DeepFool,
+CW-L2, AutoAttack: `attacks.compiles_itself`) have no single program to compile ahead of time: their compile time is
 what JAX reports spent tracing, lowering and compiling during one call with their programs
 forgotten, so they are called once at every step count, also above `--call-max-steps`.
 
@@ -295,10 +295,9 @@ def summarize_loops(events: list[str]) -> str:
 # Measurement.
 # ---------------------------------------------------------------------------------------------
 def _clear_host_programs() -> None:
-  """Forgets the programs that host-driven attacks cached, so that the next call compiles."""
-  from unmask_jax.attacks import autoattack  # pylint: disable=import-outside-toplevel
+  """Forgets the programs that host-driven attacks cached (AutoAttack's members too), so that
+  the next call compiles."""
   common.host_program.cache_clear()
-  autoattack._program.cache_clear()  # pylint: disable=protected-access
 
 
 def compile_host_driven(spec, logits_fn, x, y, key) -> dict:
@@ -608,8 +607,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
       f'{meta["victim"]}, batch {meta["batch"]} {meta["size"]}x{meta["size"]}, labels = its clean '
       f'predictions; L∞ eps 8/255, L2 eps {L2_EPS}. Compile = wall time of `jax.jit(fresh '
       'partial).lower(...).compile()` (tracing + lowering + XLA); for the attacks that drive '
-      'their loops from the host in jitted chunks (`host ...` loop forms: DeepFool, CW-L2, APGD, '
-      'APGD-T, AutoAttack), the tracing, lowering and XLA time JAX reports (jax.monitoring) '
+      'their loops from the host in jitted chunks (`host ...` loop forms: PGD, BIM, MI-FGSM, '
+      'APGD, APGD-T, FAB-T, DeepFool, CW-L2, AutoAttack), the tracing, lowering and XLA time JAX reports (jax.monitoring) '
       'during their first call with their programs forgotten, and first result = that call\'s '
       f'wall time. XLA\'s persistent compilation cache off ({meta["compilation_cache"]}); first '
       'result = compile + the first call; '

@@ -173,8 +173,8 @@ def test_autoattack_on_the_host_equals_one_program_and_skips_members(trained, mo
   host = spec.compile()
   assert attacks.compiles_itself(spec.fn) and not hasattr(host, 'lower')   # not one jit
   calls = []
-  # Members are called as jitted programs (`_jitted`) or, for the APGD members, which drive their
-  # own runs from the host, directly (`_inline`).
+  # Members are called as jitted programs (`_jitted`) or, for the APGD and FAB members, which
+  # drive their own runs from the host, directly (`_inline`).
   for name in ('_jitted', '_inline'):
     real = getattr(aa_mod, name)
     monkeypatch.setattr(aa_mod, name, lambda f, *a, real=real, **k: calls.append(f.__name__)

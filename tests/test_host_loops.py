@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_attacks import D, KEY, SHAPE, mlp_apply, normal
 from unmask_jax import attacks
-from unmask_jax.attacks import apgd, common, cw, deepfool, mifgsm, pgd
+from unmask_jax.attacks import apgd, common, cw, deepfool, fab, mifgsm, pgd
 
 Partial = jax.tree_util.Partial
 
@@ -143,28 +143,40 @@ def test_long_runs_on_host_equal_one_program_in_chunks(mlp, monkeypatch, spec, m
   assert traced == [0, 1, 2, 3] * 2
 
 
-def test_apgd_t_on_host_short_is_one_program_long_runs_in_chunks(mlp, monkeypatch):
-  """Every host-driven attack dispatches through common.run_from_host: APGD-T whose runs total
-  at most HOST_CHUNK steps is one program (not executed op by op), longer it runs from the host
-  with the one-program result."""
+@pytest.mark.parametrize('name,module,fn_name,step', [
+    ('apgd_t_linf', apgd, '_apgd_t', '_run_step'), ('fab_t', fab, '_fab_t', '_fab_step')])
+def test_target_runs_on_host_short_is_one_program_long_runs_in_chunks(mlp, monkeypatch, name,
+                                                                      module, fn_name, step):
+  """Every host-driven attack dispatches through common.run_from_host: APGD-T or FAB-T whose runs
+  total at most HOST_CHUNK steps is one program (not executed op by op), longer each target's run
+  goes from the host in chunks of at most HOST_CHUNK steps, with the one-program result."""
   fn, x, y = mlp
   monkeypatch.setattr(common, 'HOST_CHUNK', 4)
-  calls = []
-  real = common.call_on_host
+  calls, traced = [], []
+  real_call, real_step = common.call_on_host, getattr(module, step)
 
   def recorded(f, *args, **kwargs):
     calls.append(f.__name__)
-    return real(f, *args, **kwargs)
+    return real_call(f, *args, **kwargs)
+
+  def counted(consts, i, c, **kw):
+    traced.append(i)
+    return real_step(consts, i, c, **kw)
 
   monkeypatch.setattr(common, 'call_on_host', recorded)
-  short = attacks.parse_attack('apgd_t_linf(eps=0.1, steps=2, n_targets=2)').partial()
+  monkeypatch.setattr(module, step, counted)
+  short = attacks.parse_attack(f'{name}(eps=0.1, steps=2, n_targets=2)').partial()
   np.testing.assert_array_equal(np.asarray(short(fn, x, y, KEY)),
                                 np.asarray(jax.jit(short)(fn, x, y, KEY)))
-  assert calls == ['_apgd_t']
+  assert calls == [fn_name]
   calls.clear()
-  long = attacks.parse_attack('apgd_t_linf(eps=0.1, steps=6, n_targets=2)').partial()
+  traced.clear()
+  long = attacks.parse_attack(f'{name}(eps=0.1, steps=6, n_targets=2)').partial()
   _compare(long, fn, x, y, atol=1e-6)
-  assert '_apgd_t' not in calls and '_targets' in calls, calls
+  assert fn_name not in calls and 'clean_targets' in calls, calls
+  # Host programs of 4 and then 2 steps (reused by the second target), before the one jax.jit's
+  # 2 x 6 traced steps.
+  assert len(traced) == 4 + 2 + 2 * 6, traced
 
 
 def test_pgd_with_an_objective_on_host_is_one_program(mlp):

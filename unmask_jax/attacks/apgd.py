@@ -319,16 +319,12 @@ def _dlr_loss(t, logits, y):
   return dlr_targeted(logits, y, t)
 
 
-def _targets(logits_fn, x, y, *, k):
-  return targeting.top_targets(logits_fn(x), y, k)
-
-
 def _apgd_t_on_host(logits_fn, x, y, key, *, norm, eps, steps, n_targets, restarts, rho,
                     momentum, done):
   """`_apgd_t`'s runs from the host; the same runs as its traced form, skipped once all is done."""
   call = common.call_on_host
   k = n_targets
-  targets = call(_targets, logits_fn, x, y, k=k)  # [k, N], from the clean logits
+  targets = call(targeting.clean_targets, logits_fn, x, y, k=k)  # [k, N], from the clean logits
   best = call(_best_t, x, done)
   for j in range(k * restarts):
     if bool(jnp.all(best.success)):

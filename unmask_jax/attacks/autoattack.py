@@ -17,8 +17,6 @@ then costs 0.7 s instead of 3.0 s. Traced (inside a user's `jax.jit`), it is one
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -97,17 +95,18 @@ def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: floa
     return on_host and bool(jnp.all(fooled))
 
   apgd_ce = apgd.apgd_linf if norm == 'linf' else apgd.apgd_l2
-  # The APGD members drive their own runs from the host when called with arrays (as here on the
-  # host): long runs then compile as 20-step chunks, and APGD-T skips targets once all is fooled.
+  # The APGD and FAB members drive their own runs from the host when called with arrays (as here
+  # on the host): long runs then compile as 20-step chunks, and APGD-T and FAB-T skip targets
+  # once all is fooled.
   direct = _inline if on_host else call
   members = [lambda f: direct(apgd_ce, logits_fn, x, y, keys[0], eps=eps, steps=steps)]
   if num_classes >= 3:
     members.append(lambda f: direct(apgd._apgd_t, logits_fn, x, y, keys[1], eps=eps, done=f,
                                     norm=norm, steps=steps, n_targets=n_targets, restarts=1,
                                     rho=0.75, momentum=0.75))
-  members.append(lambda f: call(fab._fab_t, logits_fn, x, y, keys[2], eps=eps, done=f, norm=norm,
-                                steps=steps, n_targets=n_targets, alpha_max=0.1, eta=1.05,
-                                beta=0.9))
+  members.append(lambda f: direct(fab._fab_t, logits_fn, x, y, keys[2], eps=eps, done=f,
+                                  norm=norm, steps=steps, n_targets=n_targets, alpha_max=0.1, eta=1.05,
+                                  beta=0.9))
   members.append(lambda f: call(square._square, logits_fn, x, y, keys[3], eps=eps, done=f,
                                 norm=norm, queries=queries, p_init=0.8))
   for member in members:
@@ -135,17 +134,12 @@ def _inline(fn, *args, **kwargs):
   return fn(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
-def _program(fn, static: tuple):
-  return jax.jit(functools.partial(fn, **dict(static)))
-
-
 def _jitted(fn, *args, **kwargs):
   """fn(*args, **kwargs) as one jitted program per (member, static parameters), kept for reuse
   across batches, eps values and models of one architecture (weights are arguments)."""
   static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in _TRACED))
   traced = {k: v for k, v in kwargs.items() if k in _TRACED}
-  return _program(fn, static)(*args, **traced)
+  return common.host_program(fn, static)(*args, **traced)
 
 
 # `compile_attack` and the attack runner call this attack as it is (its members are jitted above)

@@ -575,9 +575,9 @@ def early_exit(enabled: bool | None = None, *, prefix: int | None = None,
 # runs at the unrolled speed, the compile time is that of HOST_CHUNK steps at any step count, and
 # an early exit is checked on the host between two programs at no cost to the steps themselves
 # (benchmarks/records/5_time_to_result_gaps.md). Attacks that do this (PGD, BIM, MI-FGSM, APGD-CE,
-# APGD-T, CW-L2, DeepFool; AutoAttack through its members) are marked `compiles_itself`; traced
-# inside a jit they fall back to `iterate`/`iterate_until`/`over_runs`.
-# Their results are the same in both forms (tests/test_host_loops.py).
+# APGD-T, FAB-T, CW-L2, DeepFool; AutoAttack through its members) are marked `compiles_itself`;
+# traced inside a jit they fall back to `iterate`/`iterate_until`/`over_runs`. Their results are
+# the same in both forms (tests/test_host_loops.py).
 HOST_CHUNK = 20       # steps per program: a 20-step chunk of PGD/APGD/CW compiles in ~3-6 s
 HOST_EXIT_CHUNK = 1   # steps per program between two checks for loops that usually exit early
 _host_loops: list[bool] = [True]
@@ -663,7 +663,7 @@ def run_from_host(traced: Callable, host: Callable, total_steps: int, logits_fn:
   when its loops total at most HOST_CHUNK steps (`host_driven`) or `one_program` is set; longer,
   `host(logits_fn, *args, **kwargs)`, which drives its loops in `host_loop` chunks. `logits_fn`
   is made a `jax.tree_util.Partial` either way, so that models of one architecture share the
-  programs. The one dispatch behind PGD, BIM, MI-FGSM, APGD-CE and APGD-T."""
+  programs. The one dispatch behind PGD, BIM, MI-FGSM, APGD-CE, APGD-T and FAB-T."""
   logits_fn = as_partial(logits_fn)
   if one_program or not host_driven(total_steps):
     return call_on_host(traced, logits_fn, *args, **kwargs)

@@ -61,9 +61,20 @@ def _norm(norm: str, v: Array) -> Array:
   return common.linf_norm(v) if norm == 'linf' else common.l2_norm(v)
 
 
-def _fab_run(logits_fn, x, y, t, *, norm, steps, alpha_max, eta, beta):
-  """One FAB-T run towards targets t [N] from x: (smallest adversarial found or x, its norm or
-  inf)."""
+def _fab_init(consts):
+  """A run's start (x^(0) = x, its flat form, the best norm so far): an example misclassified
+  already is its own smallest adversarial (norm 0)."""
+  logits_fn, x, y, _ = consts
+  clean_adv = jnp.argmax(logits_fn(x), -1) != y
+  return x, x.reshape(x.shape[0], -1), jnp.where(clean_adv, 0.0, jnp.inf).astype(jnp.float32)
+
+
+def _fab_step(consts, i, c, *, norm, alpha_max, eta, beta):
+  """One FAB step towards the targets t (`fab_t`'s update); c = (x^(i), smallest adversarial so
+  far [N, D], its norm or inf)."""
+  del i  # every step is the same
+  logits_fn, x, y, t = consts
+  x1, adv, dist = c
   n = x.shape[0]
   flat = lambda v: v.reshape(n, -1)
   x0 = flat(x)
@@ -73,44 +84,57 @@ def _fab_run(logits_fn, x, y, t, *, norm, steps, alpha_max, eta, beta):
     f = (jnp.take_along_axis(logits, t[:, None], -1) - jnp.take_along_axis(logits, y[:, None], -1))
     return jnp.sum(f), f[:, 0]
 
-  def body(_, c):
-    x1, adv, dist = c
-    (_, f), g = jax.value_and_grad(diff, has_aux=True)(x1)
-    w = flat(g)
-    x1f = flat(x1)
-    # The linearised boundary {z : f + w·(z - x1) = 0}; project x1 and x onto it (inside the
-    # box): w·d1 = -f and w·d2 = -f - w·(x - x1), written without forming w·x1 - f, which would
-    # cancel in float32.
-    c2 = -f - jnp.sum(w * (x0 - x1f), -1)
-    d = project_hyperplane_box(norm, jnp.concatenate([x1f, x0]), jnp.concatenate([w, w]),
-                               jnp.concatenate([-f, c2]))
-    d1, d2 = d[:n], d[n:]
-    a = jnp.maximum(_norm(norm, d), 1e-8)
-    a1, a2 = a[:n], a[n:]
-    # Biased towards x's projection (small perturbations), the more so the closer x is to the
-    # boundary relative to x1; at most alpha_max. eta > 1 overshoots slightly, to cross it.
-    alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
-    x1f = jnp.clip((x1f + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
-    is_adv = jnp.argmax(logits_fn(x1f.reshape(x.shape)), -1) != y
-    dist_new = _norm(norm, x1f - x0)
-    better = is_adv & (dist_new < dist)
-    adv = jnp.where(better[:, None], x1f, adv)
-    dist = jnp.where(better, dist_new, dist)
-    # Past the boundary: step back towards x, to search for a closer crossing.
-    x1f = jnp.where(is_adv[:, None], x0 + (x1f - x0) * beta, x1f)
-    return x1f.reshape(x.shape), adv, dist
+  (_, f), g = jax.value_and_grad(diff, has_aux=True)(x1)
+  w = flat(g)
+  x1f = flat(x1)
+  # The linearised boundary {z : f + w·(z - x1) = 0}; project x1 and x onto it (inside the
+  # box): w·d1 = -f and w·d2 = -f - w·(x - x1), written without forming w·x1 - f, which would
+  # cancel in float32.
+  c2 = -f - jnp.sum(w * (x0 - x1f), -1)
+  d = project_hyperplane_box(norm, jnp.concatenate([x1f, x0]), jnp.concatenate([w, w]),
+                             jnp.concatenate([-f, c2]))
+  d1, d2 = d[:n], d[n:]
+  a = jnp.maximum(_norm(norm, d), 1e-8)
+  a1, a2 = a[:n], a[n:]
+  # Biased towards x's projection (small perturbations), the more so the closer x is to the
+  # boundary relative to x1; at most alpha_max. eta > 1 overshoots slightly, to cross it.
+  alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
+  x1f = jnp.clip((x1f + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
+  is_adv = jnp.argmax(logits_fn(x1f.reshape(x.shape)), -1) != y
+  dist_new = _norm(norm, x1f - x0)
+  better = is_adv & (dist_new < dist)
+  adv = jnp.where(better[:, None], x1f, adv)
+  dist = jnp.where(better, dist_new, dist)
+  # Past the boundary: step back towards x, to search for a closer crossing.
+  x1f = jnp.where(is_adv[:, None], x0 + (x1f - x0) * beta, x1f)
+  return x1f.reshape(x.shape), adv, dist
 
-  # An example misclassified already is its own smallest adversarial.
-  clean_adv = jnp.argmax(logits_fn(x), -1) != y
-  init = (x, x0, jnp.where(clean_adv, 0.0, jnp.inf).astype(jnp.float32))
-  _, adv, dist = common.iterate(body, init, steps)
+
+def _fab_run(logits_fn, x, y, t, *, norm, steps, alpha_max, eta, beta):
+  """One FAB-T run towards targets t [N] from x: (smallest adversarial found or x, its norm or
+  inf)."""
+  consts = (logits_fn, x, y, t)
+  hyper = dict(norm=norm, alpha_max=alpha_max, eta=eta, beta=beta)
+  _, adv, dist = common.iterate(lambda i, c: _fab_step(consts, i, c, **hyper), _fab_init(consts),
+                                steps)
   return adv.reshape(x.shape), dist
+
+
+def _take_target(logits_fn, x, y, c, run, *, norm, eps):
+  """Judges a run inside the eps-ball: its smallest adversarial projected onto the ball (a no-op
+  when its norm is <= eps) must still be misclassified; the first target that succeeds is final.
+  c = (x_out, success [N]); run = `_fab_step`'s carry at the run's end."""
+  x_out, success = c
+  _, adv, dist = run
+  cand = common.project(norm, adv.reshape(x.shape), x, eps)
+  ok = jnp.isfinite(dist) & (jnp.argmax(logits_fn(cand), -1) != y)
+  take = ok & ~success
+  return jnp.where(take[:, None, None, None], cand, x_out), success | ok
 
 
 def _fab_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, alpha_max, eta, beta,
            done=None):
   """FAB-T; `done` [N] marks examples fooled already (e.g. by an earlier AutoAttack member)."""
-  del key  # no random restarts: deterministic (AutoAttack's standard FAB-T has one start)
   if norm not in common.NORMS:
     raise ValueError(f'fab_t: norm must be one of {common.NORMS}, got {norm!r}')
   common.check_batch(x, y)
@@ -122,23 +146,48 @@ def _fab_t(logits_fn, x, y, key, *, norm, eps, steps, n_targets, alpha_max, eta,
   if not isinstance(beta, jax.core.Tracer) and beta >= 1:
     raise ValueError(f'fab_t: beta must be < 1 (it shrinks the perturbation), got {beta}')
   k = targeting.check_targets(n_targets, targeting.num_classes_of(logits_fn, x))
-  targets = targeting.top_targets(logits_fn(x), y, k)
   n = x.shape[0]
   done = jnp.zeros((n,), bool) if done is None else done
+  hyper = dict(norm=norm, alpha_max=alpha_max, eta=eta, beta=beta)
+  if common.on_host(logits_fn, x, y, eps, done, alpha_max, eta, beta):
+    # Called with arrays: each target's steps go from the host in `common.host_loop` chunks (at
+    # 100 steps per target the one program's rolled loop ran 7x slower than at 20 steps), and the
+    # remaining targets are skipped once every example is fooled. Hyper-parameters given as
+    # arrays make it one program (they are compile-time constants of the host steps).
+    numbers = all(isinstance(v, (int, float)) for v in (alpha_max, eta, beta))
+    return common.run_from_host(_fab_t, _fab_t_on_host, k * steps, logits_fn, x, y, key,
+                                one_program=not numbers, eps=eps, steps=steps, n_targets=k,
+                                done=done, **hyper)
+  del key  # no random restarts: deterministic (AutoAttack's standard FAB-T has one start)
+  targets = targeting.top_targets(logits_fn(x), y, k)
 
   def body(j, c):
-    x_out, success = c
-    adv, dist = _fab_run(logits_fn, x, y, targets[j], norm=norm, steps=steps,
-                         alpha_max=alpha_max, eta=eta, beta=beta)
-    # Judged inside the eps-ball: the smallest adversarial projected onto it (a no-op when its
-    # norm is <= eps) must still be misclassified.
-    cand = common.project(norm, adv, x, eps)
-    ok = jnp.isfinite(dist) & (jnp.argmax(logits_fn(cand), -1) != y)
-    take = ok & ~success   # the first target that succeeds is final
-    return jnp.where(take[:, None, None, None], cand, x_out), success | ok
+    run = _fab_init((logits_fn, x, y, targets[j]))
+    run = common.iterate(lambda i, r: _fab_step((logits_fn, x, y, targets[j]), i, r, **hyper),
+                         run, steps)
+    return _take_target(logits_fn, x, y, c, run, norm=norm, eps=eps)
 
   x_out, _ = common.over_runs(body, (x, done), k, steps, lambda c: jnp.all(c[1]))
   return x_out
+
+
+def _fab_t_on_host(logits_fn, x, y, key, *, norm, eps, steps, n_targets, alpha_max, eta, beta,
+                   done):
+  """`_fab_t`'s target runs from the host: the same steps as its traced form, the remaining
+  targets skipped once every example is fooled."""
+  del key
+  call = common.call_on_host
+  targets = call(targeting.clean_targets, logits_fn, x, y, k=n_targets)   # [k, N]
+  c = (x, done)
+  for j in range(n_targets):
+    if bool(jnp.all(c[1])):
+      break
+    consts = (logits_fn, x, y, targets[j])
+    run = call(_fab_init, consts)
+    run = common.host_loop(_fab_step, consts, run, steps, norm=norm, alpha_max=alpha_max,
+                           eta=eta, beta=beta)
+    c = call(_take_target, logits_fn, x, y, c, run, norm=norm, eps=eps)
+  return c[0]
 
 
 @common.threat_model(param='norm')
@@ -191,3 +240,6 @@ def fab_t(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: float,
   """
   return _fab_t(logits_fn, x, y, key, norm=norm, eps=eps, steps=steps, n_targets=n_targets,
                 alpha_max=alpha_max, eta=eta, beta=beta)
+
+
+fab_t.compiles_itself = True

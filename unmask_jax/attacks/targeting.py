@@ -36,6 +36,12 @@ def top_targets(logits: Array, y: Array, k: int) -> Array:
   return jnp.argsort(-masked, axis=-1)[:, :k].T.astype(jnp.int32)
 
 
+def clean_targets(logits_fn: Callable, x: Array, y: Array, *, k: int) -> Array:
+  """`top_targets` of the clean logits, [k, N] (a module-level function, so that host-driven
+  attacks can run it as a host program: `common.call_on_host`)."""
+  return top_targets(logits_fn(x), y, k)
+
+
 def check_targets(n_targets: Any, num_classes: int) -> int:
   """min(n_targets, num_classes - 1), after checking n_targets is a count >= 1."""
   common.check_steps(n_targets, 'n_targets')
