@@ -192,6 +192,53 @@ def test_pgd_with_an_objective_on_host_is_one_program(mlp):
   assert common.host_program.cache_info().currsize == 2
 
 
+def test_adaptive_on_host_equals_one_program_in_chunks_and_reuses_them(mlp, monkeypatch):
+  """The adaptive attack called with arrays (as the evaluation calls it) ascends its objective
+  from the host in chunks of at most HOST_CHUNK steps, with the one-program result (best over
+  steps, restarts and the 2 targets of a 3-class model); a new target over a new state of the
+  same defense reuses every program (the defense is a program argument)."""
+  from tests.test_adaptive import _toy_defense
+  from unmask_jax.attacks import adaptive
+  from unmask_jax.defenses import base
+  fn, x, y = mlp
+  monkeypatch.setattr(common, 'HOST_CHUNK', 4)
+  traced = []
+  real = common._objective_step
+
+  def counted(consts, i, c, **kw):
+    traced.append(i)
+    return real(consts, i, c, **kw)
+
+  monkeypatch.setattr(common, '_objective_step', counted)
+  d = _toy_defense()
+  ctx = base.Context(logits_fn=fn, num_classes=3)
+
+  def target(threshold):
+    state = {**d.fit(ctx, None, None), 'threshold': np.float32(threshold),
+             'score_scale': np.float32(0.01)}
+    return adaptive.target_of(d, state, ctx)
+
+  spec = attacks.parse_attack('adaptive(base="pgd_linf(eps=0.1, steps=10, restarts=2)")')
+  assert attacks.compiles_itself(spec.fn)
+  attack = spec.compile()
+  eps = jnp.float32(0.1)   # traced, as the evaluation passes it
+  host = np.asarray(attack(fn, x, y, KEY, target=target(0.01), eps=eps))
+  one = np.asarray(jax.jit(spec.partial())(fn, x, y, KEY, target=target(0.01), eps=eps))
+  np.testing.assert_allclose(host, one, atol=1e-6)
+  assert np.abs(host - np.asarray(x)).max() <= 0.1 + 1e-6
+  # Host programs of 4 and 2 steps (reused by the second restart), then the jit's 2 x 10 steps.
+  assert len(traced) == 4 + 2 + 2 * 10, traced
+  compiles = []
+  listener = lambda name, secs, **_: compiles.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    again = np.asarray(attack(fn, x, y, KEY, target=target(0.02), eps=jnp.float32(0.05)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert '/jax/core/compile/backend_compile_duration' not in compiles, compiles
+  assert np.abs(again - np.asarray(x)).max() <= 0.05 + 1e-6
+
+
 def test_host_driven_attacks_are_not_wrapped_in_one_jit():
   for spec in ('deepfool', 'cw_l2', 'apgd_linf(eps=0.03)', 'apgd_l2(eps=0.5)',
                'apgd_t_linf(eps=0.03)', 'pgd_linf(eps=0.03)', 'pgd_l2(eps=0.5)', 'bim(eps=0.03)',

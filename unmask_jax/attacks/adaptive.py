@@ -193,6 +193,57 @@ def _success(logits_fn, target, num_classes, yt, x, key):
   return ok
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['logits_fn', 'target'],
+                   meta_fields=['fn', 'num_classes', 'kappa', 'corrector'])
+@dataclasses.dataclass(frozen=True)
+class _Bound:
+  """An objective (`OBJECTIVES`) or `_success` bound to M, the defense and the static settings,
+  called as the base attacks call them: (x, yt, key) -> [N]. A pytree whose leaves are the
+  weights and the defense's state, so that it is an argument of the host programs (attacks called
+  with arrays; a new _Bound with equal settings reuses them) and of a user's jit."""
+  logits_fn: Callable
+  target: AttackTarget
+  fn: Callable
+  num_classes: int
+  kappa: float = 0.0
+  corrector: str = ''
+
+  def __call__(self, x, yt, key):
+    if self.fn is _success:
+      return _success(self.logits_fn, self.target, self.num_classes, yt, x, key)
+    return self.fn(self.logits_fn, self.target, self.num_classes, self.kappa, self.corrector, yt,
+                   x, key)
+
+
+def _expand(logits_fn, x, y, *, num_classes, targets):
+  """The batch the base attack runs on: every (image, target) pair, and one label array carrying
+  (true class, target) as y * C + t, which the base attack passes through unchanged."""
+  if targets == 'all':
+    ks = jnp.arange(1, num_classes)
+    t = ((y[None, :] + ks[:, None]) % num_classes).reshape(-1)      # [(C-1) N]
+    reps = num_classes - 1
+  else:
+    logits = logits_fn(x)
+    t = jnp.argmax(jnp.where(jax.nn.one_hot(y, num_classes, dtype=bool), -jnp.inf, logits), -1)
+    reps = 1
+  return jnp.tile(x, (reps, 1, 1, 1)), (jnp.tile(y, reps) * num_classes + t).astype(jnp.int32)
+
+
+def _best_over_targets(success, x_all, yt, key, *, reps):
+  """Per image, the best of its target runs: successful first, then the lowest exact score."""
+  n = x_all.shape[0] // reps
+  k_eval = jax.random.fold_in(key, 2 ** 20)
+  ok = success(x_all, yt, k_eval).reshape(reps, n)
+  score = success.target.apply(x_all, k_eval).score.reshape(reps, n)
+  rank = jnp.where(ok, score - 1e9, score)
+  pick = jnp.argmin(rank, axis=0)
+  return x_all.reshape(reps, n, *x_all.shape[1:])[pick, jnp.arange(n)]
+
+
+def _inline(fn, *args, **kwargs):
+  return fn(*args, **kwargs)
+
+
 @common.threat_model(base='base')
 def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
              base: str = 'pgd_linf(eps=8/255, steps=50)', targets: str = 'all',
@@ -253,34 +304,22 @@ def adaptive(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *,
   if step_fraction is not None:
     common.check_positive(step_fraction, 'step_fraction')
     params['step_size'] = step_fraction * params['eps']
-  n = x.shape[0]
   num_classes = jax.eval_shape(logits_fn, x[:1]).shape[-1]
-  if targets == 'all':
-    ks = jnp.arange(1, num_classes)
-    t = ((y[None, :] + ks[:, None]) % num_classes).reshape(-1)      # [(C-1) N]
-    reps = num_classes - 1
-  else:
-    logits = logits_fn(x)
-    t = jnp.argmax(jnp.where(jax.nn.one_hot(y, num_classes, dtype=bool), -jnp.inf, logits), -1)
-    reps = 1
-  xs = jnp.tile(x, (reps, 1, 1, 1))
-  # One label array carries (true class, target): the base attack passes it through unchanged.
-  yt = (jnp.tile(y, reps) * num_classes + t).astype(jnp.int32)
-  obj = jax.tree_util.Partial(OBJECTIVES[objective], logits_fn, target, num_classes, kappa,
-                              corrector)
-  success = jax.tree_util.Partial(_success, logits_fn, target, num_classes)
-  fn = functools.partial(spec.fn, **params)
-  x_all = fn(logits_fn, xs, yt, key, objective=lambda xx, yy, kk: obj(yy, xx, kk),
-             success=lambda xx, yy, kk: success(yy, xx, kk))
-  if reps == 1:
+  # Called with arrays: the base attack drives its steps from the host (programs of HOST_CHUNK
+  # steps: 20 steps of a defense's surrogate and exact check took 10-16 s to compile as one
+  # program in the main job), and the steps around it are host programs too. Traced (inside a
+  # user's jit), one program.
+  call = common.call_on_host if common.on_host(logits_fn, x, y, key, target, eps) else _inline
+  xs, yt = call(_expand, logits_fn, x, y, num_classes=num_classes, targets=targets)
+  obj = _Bound(logits_fn, target, OBJECTIVES[objective], num_classes, kappa, corrector)
+  success = _Bound(logits_fn, target, _success, num_classes)
+  x_all = spec.fn(logits_fn, xs, yt, key, objective=obj, success=success, **params)
+  if targets != 'all' or num_classes == 2:
     return x_all
-  # Best over targets: successful first, then the lowest exact score.
-  k_eval = jax.random.fold_in(key, 2 ** 20)
-  ok = success(yt, x_all, k_eval).reshape(reps, n)
-  score = target.apply(x_all, k_eval).score.reshape(reps, n)
-  rank = jnp.where(ok, score - 1e9, score)
-  pick = jnp.argmin(rank, axis=0)
-  return x_all.reshape(reps, n, *x.shape[1:])[pick, jnp.arange(n)]
+  return call(_best_over_targets, success, x_all, yt, key, reps=num_classes - 1)
+
+
+adaptive.compiles_itself = True
 
 
 __all__ = ['AttackTarget', 'BASES', 'CORRECTORS', 'OBJECTIVES', 'TARGETS', 'adaptive', 'target_of']

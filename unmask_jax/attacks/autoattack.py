@@ -96,8 +96,8 @@ def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: floa
 
   apgd_ce = apgd.apgd_linf if norm == 'linf' else apgd.apgd_l2
   # The APGD and FAB members drive their own runs from the host when called with arrays (as here
-  # on the host): long runs then compile as 20-step chunks, and APGD-T and FAB-T skip targets
-  # once all is fooled.
+  # on the host): long runs then compile as chunks of common.HOST_CHUNK steps, and APGD-T and
+  # FAB-T skip targets once all is fooled.
   direct = _inline if on_host else call
   members = [lambda f: direct(apgd_ce, logits_fn, x, y, keys[0], eps=eps, steps=steps)]
   if num_classes >= 3:

@@ -35,12 +35,16 @@ def projected_ascent(logits_fn, x, y, key, *, norm, eps, steps, step_size, rando
   loss_fn = common.get_loss(loss)
   hyper = dict(norm=norm, loss=loss, targeted=targeted)
   if common.on_host(logits_fn, x, y, key, eps, alpha, objective, success):
-    # Called with arrays (not traced): with an objective, or up to HOST_CHUNK steps in all, one
-    # jitted program (this function, traced); longer, each run's steps go from the host in
-    # programs of HOST_CHUNK unrolled steps (common.host_loop): PGD-L∞-100 ran 1.8x slower per
-    # step unrolled as one program than at 20 steps, and rolled above MAX_UNROLL ~3x slower.
+    # Called with arrays (not traced): up to HOST_CHUNK steps in all, one jitted program (this
+    # function, traced); longer, each run's steps go from the host in programs of HOST_CHUNK
+    # unrolled steps (common.host_loop): PGD-L∞-100 ran 1.8x slower per step unrolled as one
+    # program than at 20 steps, and rolled above MAX_UNROLL ~3x slower. An objective goes from
+    # the host too when it and the success predicate are pytrees (`common.is_program_argument`;
+    # the adaptive attacks' form); other callables are compile-time constants of one program.
+    partials = all(common.is_program_argument(f) for f in (objective, success))
     return common.run_from_host(projected_ascent, _projected_ascent_on_host, steps * restarts,
-                                logits_fn, x, y, key, one_program=objective is not None,
+                                logits_fn, x, y, key,
+                                one_program=objective is not None and not partials,
                                 norm=norm, eps=eps, steps=steps, step_size=step_size,
                                 random_start=random_start, restarts=restarts, targeted=targeted,
                                 loss=loss, objective=objective, success=success)
@@ -59,8 +63,12 @@ def projected_ascent(logits_fn, x, y, key, *, norm, eps, steps, step_size, rando
 def _projected_ascent_on_host(logits_fn, x, y, key, *, norm, eps, steps, step_size,
                               random_start, restarts, targeted, loss, objective, success):
   """`projected_ascent`'s restarts and steps from the host; the same steps as its traced form."""
-  del objective, success  # with an objective the attack is one program (run_from_host)
-  consts = (logits_fn, x, y, eps, common.default_step_size(eps, steps, step_size))
+  alpha = common.default_step_size(eps, steps, step_size)
+  if objective is not None:
+    return common.ascend_objective_on_host(objective, success, x, y, key, norm=norm, eps=eps,
+                                           steps=steps, alpha=alpha, random_init=random_start,
+                                           restarts=restarts)
+  consts = (logits_fn, x, y, eps, alpha)
 
   def run(k):
     x0 = (common.call_on_host(common.random_start, norm=norm, key=k, x=x, eps=eps)
