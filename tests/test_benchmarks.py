@@ -122,3 +122,17 @@ def test_smoke_command_writes_every_row(tmp_path):
                         timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert again.read_text() == text
+
+
+def test_host_chunk_benchmark_smoke(tmp_path):
+  """bench_host_chunk (the measurement behind common.HOST_CHUNK) runs and every chunk size gives
+  the same adversarial images (PGD's steps do not depend on how they are split into programs)."""
+  out = tmp_path / 'chunk.md'
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.bench_host_chunk', '--smoke', '--out',
+                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  rows = [line.split(' | ') for line in out.read_text().splitlines()
+          if line.startswith('| pgd_linf')]
+  assert [int(r[1]) for r in rows] == [1, 2, 5], rows
+  assert all(float(r[-1].rstrip(' |')) == 0.0 for r in rows), rows
