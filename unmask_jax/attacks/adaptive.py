@@ -32,8 +32,10 @@ default. `objective='balanced'` follows both conditions at every step with norma
 (for defenses whose evidence is not M's, such as UnMask's part model).
 
 Every wrong class is a target (`targets='all'`: the C - 1 targets run as one batch of (C - 1) N
-images, so the steps stay one straight-line program); each example keeps its best iterate over
-steps, restarts and targets: a successful one if any, else the one with the lowest exact score.
+images, so a step is one pass over one batch, with no loop over targets); each example keeps its
+best iterate over steps, restarts and targets: a successful one if any, else the one with the
+lowest exact score. Called with arrays, the steps run from the host in programs of
+`common.HOST_CHUNK` steps (`common.ascend_objective_on_host`); traced, as one program.
 """
 from __future__ import annotations
 
