@@ -105,8 +105,8 @@ def autoattack(logits_fn: LogitsFn, x: Array, y: Array, key: Array, *, eps: floa
                                     norm=norm, steps=steps, n_targets=n_targets, restarts=1,
                                     rho=0.75, momentum=0.75))
   members.append(lambda f: direct(fab._fab_t, logits_fn, x, y, keys[2], eps=eps, done=f,
-                                  norm=norm, steps=steps, n_targets=n_targets, alpha_max=0.1, eta=1.05,
-                                  beta=0.9))
+                                  norm=norm, steps=steps, n_targets=n_targets, alpha_max=0.1,
+                                  eta=1.05, beta=0.9))
   members.append(lambda f: call(square._square, logits_fn, x, y, keys[3], eps=eps, done=f,
                                 norm=norm, queries=queries, p_init=0.8))
   for member in members:

@@ -578,13 +578,12 @@ def early_exit(enabled: bool | None = None, *, prefix: int | None = None,
 # APGD-T, FAB-T, CW-L2, DeepFool; AutoAttack through its members) are marked `compiles_itself`;
 # traced inside a jit they fall back to `iterate`/`iterate_until`/`over_runs`. Their results are
 # the same in both forms (tests/test_host_loops.py).
-# Steps per host program. Measured on the trained SynthParts CNN, batch 128, 2 cores (records/6):
-# shorter programs are not slower per step, and often faster: PGD-L∞-20 0.507 s as one 20-step
-# program, 0.41 s as 4 programs of 5 (also at 1 and 2 steps), MI-FGSM-L∞-20 0.508 -> 0.418 s,
-# APGD-L∞-20 0.504 -> 0.48 s, PGD-L∞-100 2.36 -> 1.96 s; PGD-L2, CW-L2 unchanged; and compile in
-# less time (PGD-L∞-100 2.98 -> 1.74 s). 5 divides the usual step counts (10, 20, 50, 100, 1000),
-# so a loop compiles one program, and the host's dispatch per program (~0.1 ms) stays small
-# against a step (~20 ms here).
+# Steps per host program, from `benchmarks/bench_host_chunk.py` on the trained SynthParts CNN,
+# batch 128, 2 cores (BENCHMARKS.md, record 6): programs of 5 steps against one of 20 ran PGD-L∞
+# 1.23x faster at 20 steps (0.487 -> 0.397 s) and 1.15x at 100, MI-FGSM-L∞ 1.14x, APGD-L∞
+# 1.11x / 0.96x, PGD-L2 1.05x / 0.98x, with the same images, and compile no slower (APGD-L∞-100
+# 5.4 -> 2.1 s). 5 divides the usual step counts (10, 20, 50, 100, 1000), so a loop compiles one
+# program; the host's dispatch per program (~0.1 ms) is small against a step (~20 ms here).
 HOST_CHUNK = 5
 HOST_EXIT_CHUNK = 1   # steps per program between two checks for loops that usually exit early
 _host_loops: list[bool] = [True]
@@ -615,8 +614,8 @@ def host_driven(total_steps: int) -> bool:
   """Whether an attack called with arrays whose loops total `total_steps` steps (all runs) should
   drive them from the host rather than compile them as one unrolled program: when they are longer
   than one HOST_CHUNK. Up to that one program holds the start, the steps and the result, with
-  the step index a compile-time constant. Loops with an early exit (DeepFool, CW's abort) do not ask: they are always
-  driven from the host, where the exit is free."""
+  the step index a compile-time constant. Loops with an early exit (DeepFool, CW's abort) do not
+  ask: they are always driven from the host, where the exit is free."""
   return total_steps > HOST_CHUNK
 
 
@@ -826,7 +825,8 @@ def ascend_objective_on_host(objective: Callable, success: Callable, x: Array, y
                              restarts: int) -> Array:
   """`ascend_objective` with a success predicate, its steps driven from the host in `host_loop`
   chunks: the same iterates, checks and best per example. `objective` and `success` must be
-  `jax.tree_util.Partial`s (arguments of the host programs); `alpha` and `eps` numbers or arrays.
+  pytrees (`is_program_argument`: arguments of the host programs); `alpha` and `eps` numbers or
+  arrays.
   The defense-aware attacks (`attacks.adaptive`) run this way when called with arrays: their
   objective holds a defense, so a program of many unrolled steps is slow to compile (10-16 s for
   the main job's 20 steps as one program)."""
