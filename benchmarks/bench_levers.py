@@ -9,6 +9,8 @@ weights and inputs, timed interleaved in one process:
                      before this study: the lever that moved the most
   scan               the library traced under attacks.common.loop_form('scan') (a rolled loop)
   nchw               a pure-JAX copy of the model computing in NCHW instead of NHWC
+  col2im             the model with the first convolution's input gradient computed as 9 padded
+                     slices of one matmul (col2im) instead of XLA:CPU's skinny Eigen convolution
   torch_cl / torch_nchw / torch_cl_1thread   the PyTorch eager reference, layouts and threads
 
 then, each in a fresh process (XLA_FLAGS is read at start-up), `library` and `old_pool` against the
@@ -74,6 +76,57 @@ def old_pool_twin(model):
       widths=[c.out_features for c in model.convs], feature_dim=model.feature_dim,
       dropout=model.dropout.rate, mean=model.mean, std=model.std, rngs=nnx.Rngs(0)))
   nnx.update(twin, state)
+  twin.eval()
+  return twin
+
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _im2col_conv(x, k, pads):
+  """The stride-1 NHWC convolution of x with k as one matmul over 9 shifted slices (im2col):
+  sum_{a,b} pad(x)[:, a:a+H, b:b+W, :] @ k[a, b]. Its transpose (what the input gradient runs) is
+  one matmul of the cotangent with k^T and 9 padded slices summed (col2im)."""
+  kh, kw, ci, co = k.shape
+  (pt, pb), (pl, pr) = pads
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  h, w = x.shape[1] + pt + pb - kh + 1, x.shape[2] + pl + pr - kw + 1
+  cols = jnp.concatenate([xp[:, a:a + h, b:b + w] for a in range(kh) for b in range(kw)], -1)
+  return jnp.einsum('nhwc,co->nhwo', cols, k.reshape(kh * kw * ci, co))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv_col2im_grad(x, k, pads):
+  return jax.lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_DN)
+
+
+def _conv_col2im_jvp(pads, primals, tangents):
+  # The forward pass stays XLA's convolution; only the x-tangent is written as im2col, so that its
+  # transpose, the input gradient, is col2im. Symbolic zeros: an attack's kernel tangent is zero
+  # and must not cost a convolution.
+  (x, k), (dx, dk) = primals, tangents
+  y = _conv_col2im_grad(x, k, pads)
+  zero = jax.custom_derivatives.SymbolicZero
+  terms = ([] if isinstance(dx, zero) else [_im2col_conv(dx, k, pads)]) + (
+      [] if isinstance(dk, zero) else
+      [jax.lax.conv_general_dilated(x, dk, (1, 1), pads, dimension_numbers=_DN)])
+  return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+_conv_col2im_grad.defjvp(_conv_col2im_jvp, symbolic_zeros=True)
+
+
+def col2im_conv(lhs, rhs, window_strides, padding, **_):
+  """A `conv_general_dilated` for nnx.Conv (stride 1, explicit padding) using the above."""
+  assert tuple(window_strides) == (1, 1), window_strides
+  return _conv_col2im_grad(lhs, rhs, tuple(tuple(p) for p in padding))
+
+
+def col2im_twin(model):
+  """`model` (a CNNSmall) with its first convolution's input gradient computed as col2im."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  twin = nnx.clone(model)
+  twin.convs[0].conv_general_dilated = col2im_conv
   twin.eval()
   return twin
 
@@ -167,6 +220,10 @@ def _variants(s, torch, include=('library', 'scan', 'old_pool', 'nchw')):
     nchw = jax.jit(attack)
     nfn = jax.tree_util.Partial(nchw_apply, nchw_params(victim.model))
     fns['nchw'] = lambda: nchw(nfn, xj, yj, key)
+  if 'col2im' in include:
+    c2i = jax.jit(attack)
+    cfn = place(functional.logits_fn(col2im_twin(victim.model)))
+    fns['col2im'] = lambda: c2i(cfn, xj, yj, key)
   if 'bf16' in include:
     low = jax.jit(attack)
     bfn = bf16_logits_fn(victim.logits_fn)
@@ -321,6 +378,7 @@ LABELS = {
     'old_pool': 'ours: the same with nnx.max_pool (reduce_window; the form before this study)',
     'scan': 'ours: traced under loop_form("scan") (rolled loop)',
     'nchw': 'ours: pure-JAX model in NCHW',
+    'col2im': 'ours: first convolution\'s input gradient as col2im (9 padded slices, one matmul)',
     'bf16': 'ours: weights and activations in bfloat16',
     'donate': 'ours: x donated to the jitted attack (fresh copy per call)',
     'torch_cl': 'PyTorch eager, channels_last, all cores',
@@ -334,8 +392,8 @@ def run(settings: timing.Settings) -> list[timing.Row]:
   torch = timing.torch_or_none()
   device = timing.device_label()
   print('  in-process variants', flush=True)
-  t, success, s = _measure(settings, torch, ('library', 'old_pool') if settings.smoke
-                           else ('library', 'old_pool', 'scan', 'nchw', 'bf16', 'donate'))
+  t, success, s = _measure(settings, torch, ('library', 'old_pool', 'col2im') if settings.smoke
+                           else ('library', 'old_pool', 'scan', 'nchw', 'col2im', 'bf16', 'donate'))
   ref, ref_name = timing.fastest_reference(t)
   ref_label, ref_t = ((LABELS[ref_name], ref) if ref is not None
                       else (timing.NOT_INSTALLED, timing.NOT_INSTALLED))

@@ -136,3 +136,32 @@ def test_host_chunk_benchmark_smoke(tmp_path):
           if line.startswith('| pgd_linf')]
   assert [int(r[1]) for r in rows] == [1, 2, 5], rows
   assert all(float(r[-1].rstrip(' |')) == 0.0 for r in rows), rows
+
+
+def test_col2im_lever_has_the_same_gradients():
+  """The levers benchmark's col2im twin computes the model's logits and gradients (input and
+  weights), so its timing compares the same computation."""
+  import jax.numpy as jnp
+  from benchmarks import bench_levers
+  from unmask_jax.models import functional
+  model = _perturbed(models.create('cnn_small', num_classes=3, rngs=nnx.Rngs(0),
+                                   widths=(8, 8, 8), feature_dim=16))
+  twin = bench_levers.col2im_twin(model)
+  assert twin.convs[0].conv_general_dilated is bench_levers.col2im_conv
+  assert model.convs[0].conv_general_dilated is not bench_levers.col2im_conv  # a copy, not model
+  x = jnp.asarray(np.random.default_rng(3).random((4, 12, 12, 3), dtype=np.float32))
+  fn, tfn = functional.logits_fn(model), functional.logits_fn(twin)
+  np.testing.assert_allclose(tfn(x), fn(x), atol=1e-5)
+  loss = lambda f, v: jnp.sum(jnp.sin(f(v)))  # a cotangent that differs per logit
+  np.testing.assert_allclose(jax.grad(lambda v: loss(tfn, v))(x), jax.grad(lambda v: loss(fn, v))(x),
+                             atol=1e-5)
+  # Weight gradients (the kernel tangent path) through the first convolution as well.
+  k = model.convs[0].kernel[...]
+
+  def by_kernel(m, kk):
+    m = nnx.clone(m)
+    m.convs[0].kernel[...] = kk
+    return loss(functional.logits_fn(m), x)
+
+  np.testing.assert_allclose(jax.grad(lambda kk: by_kernel(twin, kk))(k),
+                             jax.grad(lambda kk: by_kernel(model, kk))(k), rtol=1e-4, atol=1e-5)
