@@ -1,7 +1,7 @@
 """End-to-end (row 6): the main job's wall time per stage, read from its own log.
 
 `python3 main.py --workdir=runs/main` appends one JSON line per run to
-runs/main/stage_seconds.jsonl (unmask_jax.pipeline.run_main). The main job takes ~13 minutes on the
+runs/main/stage_seconds.jsonl (unmask_jax.pipeline.run_main). The main job takes ~10 minutes on the
 2-core machine, so this benchmark does not run it: it reports the latest complete run in that file
 (one whose every training stage took at least MIN_TRAIN_S: a resumed run, whose cached stages take
 ~1 s, is skipped; if there is none, the latest run, marked as resumed) and the file's date. Without
