@@ -110,8 +110,11 @@ def _step(consts, i, carry, *, overshoot):
   # Freeze an example at its first success: DeepFool returns the first iterate past the boundary.
   active = active & ~common.is_success(logits, y)
   # w_k = ∇(Z_k - Z_y) per example for each competitor k; examples do not interact, so one VJP
-  # per competitor gives every example's gradient.
-  w = jax.vmap(lambda ct: vjp_fn(ct)[0])(cotangents)  # [nc-1, N, H, W, C]
+  # per competitor gives every example's gradient. One backward pass after another rather than a
+  # vmap over the cotangents: on XLA:CPU the vmapped (batched) backward pass was slower, the step
+  # 40.1 -> 37.1 ms with 2 competitors and 166 -> 116 ms with 9 (CNN 16-32-64, batch 128, the
+  # same result bit for bit; BENCHMARKS.md, record 7).
+  w = jnp.stack([vjp_fn(ct)[0] for ct in cotangents])  # [nc-1, N, H, W, C]
   z = jnp.take_along_axis(logits, cls, axis=1)  # [N, nc]
   f = (z[:, 1:] - z[:, :1]).T  # [nc-1, N]
   w_norm = jax.vmap(common.l2_norm)(w)  # [nc-1, N]
