@@ -183,12 +183,9 @@ def _goal_section(rows) -> list[str]:
             'helper. The ResNet-18 (CIFAR stem) has no max-pool: its gap is that of the next item '
             '(profiled on the CNN).']
     steps = prof.get('steps') or {}
-    fk = prof.get('xla') or {}
-    tops = dict(prof.get('torch') or [])
     if steps.get('jax grad') and steps.get('torch grad'):
       j, t = steps['jax grad'], steps['torch grad']
-      conv_x = sum(v for k, v in fk.items() if 'convolution' in k or 'library' in k)
-      conv_t = sum(v for k, v in tops.items() if 'convolution' in k)
+      conv_x, conv_t = _conv_times(prof)
       out.append(
           f'2. Convolutions. One gradient step takes {1e3 * j["wall"]:.1f} ms '
           f'({1e3 * j["cpu"]:.1f} ms CPU) against PyTorch\'s {1e3 * t["wall"]:.1f} ms '
@@ -233,6 +230,14 @@ def _goal_section(rows) -> list[str]:
   return out
 
 
+def _conv_times(prof: dict) -> tuple[float, float]:
+  """Seconds per gradient step in convolutions: XLA:CPU's thunks (library fusions, which hold the
+  convolutions and dots, and Eigen convolutions) and PyTorch's convolution operators."""
+  kinds, tops = prof.get('xla') or {}, dict(prof.get('torch') or [])
+  return (sum(v for k, v in kinds.items() if 'convolution' in k or 'library' in k),
+          sum(v for k, v in tops.items() if 'convolution' in k))
+
+
 def _conv_factor(total: float, conv: float, shrink: float) -> float | None:
   """How many times faster the convolution thunks must run for the step's thunk time `total` to
   shrink `shrink` times, the rest unchanged; None if even free convolutions would not do."""
@@ -243,13 +248,12 @@ def _conv_factor(total: float, conv: float, shrink: float) -> float | None:
 def _lever_needs(prof: dict, shard: dict | None) -> str:
   """Item 5 of the goal section: what each remaining lever would need to reach GOAL, from the
   profile of one gradient step (wall time taken proportional to XLA:CPU's summed thunk time)."""
-  steps, kinds, tops = prof.get('steps') or {}, prof.get('xla') or {}, dict(prof.get('torch') or [])
+  steps, kinds = prof.get('steps') or {}, prof.get('xla') or {}
   if not (steps.get('jax grad') and steps.get('torch grad') and kinds):
     return ''
   j, t = steps['jax grad']['wall'], steps['torch grad']['wall']
   total = sum(kinds.values())
-  conv = sum(v for k, v in kinds.items() if 'convolution' in k or 'library' in k)
-  conv_t = sum(v for k, v in tops.items() if 'convolution' in k)
+  conv, conv_t = _conv_times(prof)
   shrink = GOAL * j / t  # the step must take t / GOAL
 
   def conv_need(s):
